@@ -1,0 +1,27 @@
+"""The core package must stay importable without the service dependencies (grpc, celery, redis, minio)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+FORBIDDEN = ("grpc", "celery", "redis", "minio", "kombu")
+
+
+def test_core_never_imports_service_dependencies() -> None:
+    code = textwrap.dedent(
+        f"""
+        import importlib, pkgutil, sys
+        import cfrseg
+        names = [m.name for m in pkgutil.walk_packages(cfrseg.__path__, "cfrseg.")]
+        for n in names:
+            importlib.import_module(n)
+        bad = sorted(m for m in sys.modules if m.split(".")[0] in {FORBIDDEN!r})
+        print(len(names), "modules")
+        assert not bad, f"core imported service dependencies: {{bad}}"
+        """
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert int(r.stdout.split()[0]) >= 5
