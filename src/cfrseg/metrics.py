@@ -1,0 +1,182 @@
+"""Segmentation metrics per case and class (Dice, Jaccard, ASD, HD95; distances in millimetres) and their
+summary over cases. Pure functions; the conventions are written down in docs/metrics.md.
+
+- Metric order is fixed everywhere: :data:`METRICS` = dice, jaccard, asd, hd95.
+- Classes: foreground classes ``1 .. num_classes - 1``, one value each, in lists indexed by ``class - 1``.
+- Surfaces: a mask's surface is its voxels removed by one binary erosion with the 3x3x3 *connectivity-1*
+  (6-neighbour) structure, the image border counting as outside (as medpy). Distances are Euclidean in mm
+  (``scipy.ndimage.distance_transform_edt`` with ``sampling=spacing``).
+- ASD = mean distance from each *prediction* surface voxel to the nearest ground-truth surface voxel (medpy's
+  ``asd(pred, gt)``, the one the reference reports); HD95 = 95th percentile of the distances pooled over both
+  directions (medpy's ``hd95``).
+- Empty policy: both masks empty -> dice = jaccard = 1, asd = hd95 = 0; exactly one empty -> dice = jaccard =
+  0, asd = hd95 = NaN. NaNs are excluded from means/stds and counted (``n_nan``) in :func:`summarize`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from cfrseg.errors import InputError
+
+METRICS = ("dice", "jaccard", "asd", "hd95")
+UNITS = {"dice": "", "jaccard": "", "asd": "mm", "hd95": "mm"}
+_STRUCTURE = ndimage.generate_binary_structure(3, 1)
+
+
+def _check(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], num_classes: int) -> None:
+    if pred.shape != gt.shape:
+        raise InputError(f"metrics: prediction shape {pred.shape} differs from ground truth shape {gt.shape}")
+    if pred.ndim != 3:
+        raise InputError(f"metrics: expected 3D label maps (X, Y, Z), got shape {pred.shape}")
+    if len(spacing) != 3 or any(not (float(s) > 0) for s in spacing):
+        raise InputError(f"metrics: spacing must be three positive numbers (mm), got {tuple(spacing)}")
+    if num_classes < 2:
+        raise InputError(f"metrics: num_classes counts the background and must be >= 2, got {num_classes}")
+    for name, a in (("prediction", pred), ("ground truth", gt)):
+        if a.size and (a.min() < 0 or a.max() >= num_classes):
+            raise InputError(f"metrics: {name} has labels outside 0..{num_classes - 1} ({a.min()}..{a.max()})")
+
+
+def surface(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels of a boolean mask (X, Y, Z): the mask minus its connectivity-1 erosion (border = outside)."""
+    return mask & ~ndimage.binary_erosion(mask, structure=_STRUCTURE, border_value=0)
+
+
+def _crop_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
+    """Bounding box of a | b grown by one voxel (clipped): surfaces and distances inside it equal the
+    full-volume ones, since every surface voxel of either mask lies in it."""
+    idx = np.nonzero(a | b)
+    return tuple(slice(max(int(i.min()) - 1, 0), min(int(i.max()) + 2, n)) for i, n in zip(idx, a.shape))
+
+
+def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mm) from every surface voxel of ``a`` to the surface of ``b``, and from ``b``'s to ``a``'s.
+    Both masks must be non-empty."""
+    box = _crop_box(a, b)
+    sa, sb = surface(a[box]), surface(b[box])
+    sampling = tuple(float(s) for s in spacing)
+    d_to_b = ndimage.distance_transform_edt(~sb, sampling=sampling)
+    d_to_a = ndimage.distance_transform_edt(~sa, sampling=sampling)
+    return d_to_b[sa], d_to_a[sb]
+
+
+def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -> dict[str, float]:
+    """dice, jaccard, asd, hd95 of two boolean masks (X, Y, Z), with the empty policy of this module."""
+    p, g = pred.astype(bool, copy=False), gt.astype(bool, copy=False)
+    np_, ng = int(p.sum()), int(g.sum())
+    if np_ == 0 and ng == 0:
+        return {"dice": 1.0, "jaccard": 1.0, "asd": 0.0, "hd95": 0.0}
+    if np_ == 0 or ng == 0:
+        return {"dice": 0.0, "jaccard": 0.0, "asd": math.nan, "hd95": math.nan}
+    inter = int(np.logical_and(p, g).sum())
+    d_pg, d_gp = surface_distances(p, g, spacing)
+    return {
+        "dice": 2.0 * inter / (np_ + ng),
+        "jaccard": inter / (np_ + ng - inter),
+        "asd": float(d_pg.mean()),
+        "hd95": float(np.percentile(np.concatenate([d_pg, d_gp]), 95)),
+    }
+
+
+def compute_case(
+    pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], num_classes: int
+) -> dict[str, list[float]]:
+    """Metrics of one case: ``{"dice": [...], "jaccard": [...], "asd": [...], "hd95": [...]}`` with one value
+    per foreground class (index ``class - 1``). ``pred`` and ``gt`` are integer label maps (X, Y, Z) of the
+    same shape; ``spacing`` is (x, y, z) in mm."""
+    pred, gt = np.asarray(pred), np.asarray(gt)
+    _check(pred, gt, spacing, num_classes)
+    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    for c in range(1, num_classes):
+        for m, v in binary_metrics(pred == c, gt == c, spacing).items():
+            out[m].append(v)
+    return out
+
+
+def _stats(values: np.ndarray) -> tuple[float, float, int, int]:
+    ok = values[~np.isnan(values)]
+    mean = float(ok.mean()) if ok.size else math.nan
+    std = float(ok.std(ddof=1)) if ok.size > 1 else math.nan
+    return mean, std, int(ok.size), int(values.size - ok.size)
+
+
+def summarize(cases: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any]:
+    """Summary over cases (each a :func:`compute_case` result; other keys are ignored).
+
+    Returns ``{"n_cases": N, "classes": [1, ..], "metrics": {metric: {"mean": [..], "std": [..], "n": [..],
+    "n_nan": [..], "class_mean": float}}}`` with per-class lists; std has ddof=1 (NaN with < 2 values), NaNs
+    are left out and counted, ``class_mean`` is the mean of the per-class means. Metrics in :data:`METRICS` order.
+    """
+    if not cases:
+        raise InputError("metrics: nothing to summarize (no cases)")
+    n_cls = {len(c["dice"]) for c in cases}
+    if len(n_cls) != 1:
+        raise InputError(f"metrics: cases have different numbers of classes {sorted(n_cls)}")
+    k = n_cls.pop()
+    metrics: dict[str, Any] = {}
+    for m in METRICS:
+        table = np.array([[float(v) for v in c[m]] for c in cases], dtype=np.float64).reshape(len(cases), k)
+        cols = [_stats(table[:, j]) for j in range(k)]
+        means = [s[0] for s in cols]
+        finite = [v for v in means if not math.isnan(v)]
+        metrics[m] = {
+            "mean": means,
+            "std": [s[1] for s in cols],
+            "n": [s[2] for s in cols],
+            "n_nan": [s[3] for s in cols],
+            "class_mean": float(np.mean(finite)) if finite else math.nan,
+        }
+    return {"n_cases": len(cases), "classes": list(range(1, k + 1)), "metrics": metrics}
+
+
+def _header(m: str) -> str:
+    return f"{m} ({UNITS[m]})" if UNITS[m] else m
+
+
+def _fmt(v: float, digits: int) -> str:
+    return "nan" if v is None or math.isnan(v) else f"{v:.{digits}f}"
+
+
+def format_table(
+    summary: Mapping[str, Any],
+    class_names: Mapping[int, str] | Sequence[str] | None = None,
+    cases: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    digits: int = 4,
+) -> str:
+    """A plain-text table for the CLI: optional per-case rows (``cases``: case id -> compute_case result),
+    then one "mean ± std" row per class, then the NaN counts. ``class_names``: names of the foreground
+    classes, a sequence indexed by ``class - 1`` or a mapping class -> name."""
+    classes = list(summary["classes"])
+
+    def cname(c: int) -> str:
+        if class_names is None:
+            return f"class {c}"
+        if isinstance(class_names, Mapping):
+            return str(class_names.get(c, f"class {c}"))
+        return str(class_names[c - 1]) if c - 1 < len(class_names) else f"class {c}"
+
+    rows: list[list[str]] = [["case", "class", *(_header(m) for m in METRICS)]]
+    for cid, res in (cases or {}).items():
+        for j, c in enumerate(classes):
+            rows.append([str(cid), cname(c), *(_fmt(float(res[m][j]), digits) for m in METRICS)])
+    mets = summary["metrics"]
+    for j, c in enumerate(classes):
+        cells = [f"{_fmt(mets[m]['mean'][j], digits)} ± {_fmt(mets[m]['std'][j], digits)}" for m in METRICS]
+        rows.append([f"mean (n={summary['n_cases']})", cname(c), *cells])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    nan_notes = [
+        f"{m} {cname(c)}: {mets[m]['n_nan'][j]}"
+        for m in METRICS
+        for j, c in enumerate(classes)
+        if mets[m]["n_nan"][j]
+    ]
+    if nan_notes:
+        lines.append("NaN (exactly one mask empty; left out of mean/std): " + ", ".join(nan_notes))
+    return "\n".join(lines)
