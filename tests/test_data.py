@@ -96,6 +96,14 @@ def test_folders_bad_input(tmp_path: Path) -> None:
     write_volume(img(), c / "images" / "case0_0001.nii.gz")
     with pytest.raises(InputError, match=r"several channels"):
         manifest_from_folders(c / "images", c / "labels")
+    # ids that merely end in 4 digits are not channels; a label may carry its image's _0000 name
+    e = tmp_path / "e"
+    write_volume(img(), e / "images" / "case_0001.nii.gz")
+    write_volume(img(), e / "images" / "case_0002_0000.nii.gz")
+    write_volume(lab(), e / "labels" / "case_0001.nii.gz", label=True)
+    write_volume(lab(), e / "labels" / "case_0002_0000.nii.gz", label=True)
+    me = manifest_from_folders(e / "images", e / "labels")
+    assert [(c.case_id, c.role) for c in me.cases] == [("case_0001", "labeled"), ("case_0002", "labeled")]
     # empty label set and missing folders
     d = folder_tree(tmp_path / "d", n=1, n_labels=0)
     (d / "labels").mkdir()

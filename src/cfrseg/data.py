@@ -41,36 +41,54 @@ CHANNEL_SUFFIX = "_0000"
 # ----------------------------------------------------------------------------------------------- folder scans
 
 
-def _scan(folder: Path, what: str) -> dict[str, str]:
+def _scan(folder: Path, what: str, channels: bool = True) -> dict[str, str]:
     """Case id -> path of every volume file (or DICOM series sub-folder) in ``folder``.
 
-    The case id is the file name without its extension and without an nnU-Net ``_0000`` channel suffix; other
-    channel files (``_0001`` ...) mean a multi-channel case, which cfrseg does not support.
+    The case id is the file name without its extension. With ``channels`` (image folders), an nnU-Net
+    ``_0000`` channel suffix is stripped, and a case that also has ``_0001``... files is multi-channel, which
+    cfrseg does not support. Hidden files are ignored.
     """
     if not folder.is_dir():
         raise InputError(f"{folder}: {what} folder not found")
     found: dict[str, list[str]] = {}
-    channels: set[str] = set()
     for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
+        if p.name.startswith(".") or not (p.is_dir() or volume_suffix(p)):
             continue
-        if p.is_dir() or volume_suffix(p):
-            cid = strip_suffix(p) if p.is_file() else p.name
-            if len(cid) > 5 and cid[-5] == "_" and cid[-4:].isdigit():
-                if cid.endswith(CHANNEL_SUFFIX):
-                    cid = cid[: -len(CHANNEL_SUFFIX)]
-                else:
-                    channels.add(cid[:-5])
-                    continue
-            found.setdefault(cid, []).append(str(p))
-    multi = sorted(c for c in channels if c in found)
-    if multi:
-        raise InputError(f"{folder}: case(s) {multi[:5]} have several channels (_0000, _0001, ...); "
-                         f"cfrseg supports single-channel images only")
+        cid = strip_suffix(p) if p.is_file() else p.name
+        found.setdefault(cid, []).append(str(p))
+    if channels:
+        stripped: dict[str, list[str]] = {}
+        for cid, files in found.items():
+            stripped.setdefault(cid[: -len(CHANNEL_SUFFIX)] if cid.endswith(CHANNEL_SUFFIX) else cid,
+                                []).extend(files)
+        multi = sorted(c[:-5] for c in found if _is_channel(c) and not c.endswith(CHANNEL_SUFFIX)
+                       and f"{c[:-5]}{CHANNEL_SUFFIX}" in found)
+        if multi:
+            raise InputError(f"{folder}: case(s) {multi[:5]} have several channels (_0000, _0001, ...); "
+                             f"cfrseg supports single-channel images only")
+        found = stripped
     dup = {c: [Path(f).name for f in fs] for c, fs in found.items() if len(fs) > 1}
     if dup:
         raise InputError(f"{folder}: duplicate case ids (several files per id): {dup}")
     return {c: fs[0] for c, fs in found.items()}
+
+
+def _is_channel(cid: str) -> bool:
+    return len(cid) > 5 and cid[-5] == "_" and cid[-4:].isdigit()
+
+
+def _match_labels(images: dict[str, str], labels: dict[str, str], where: Path, image_dir: Path) -> dict[str, str]:
+    """Labels keyed by image case id (a label named like its image, ``<id>_0000``, also matches)."""
+    out: dict[str, str] = {}
+    for cid, path in labels.items():
+        key = cid if cid in images else (cid[: -len(CHANNEL_SUFFIX)] if cid.endswith(CHANNEL_SUFFIX) else cid)
+        if key in out:
+            raise InputError(f"{where}: duplicate labels for case {key!r}: {Path(out[key]).name}, {Path(path).name}")
+        out[key] = path
+    orphans = sorted(set(out) - set(images))
+    if orphans:
+        raise InputError(f"{where}: label(s) without a matching image in {image_dir}: {orphans[:10]}")
+    return out
 
 
 def _assign_roles(pairs: dict[str, tuple[str, str | None]], labeled: Labeled, holdout: int,
@@ -143,12 +161,10 @@ def manifest_from_folders(
                          f"or DICOM series folders)")
     labels: dict[str, str] = {}
     if labels_dir is not None:
-        labels = _scan(Path(labels_dir), "labels")
+        labels = _scan(Path(labels_dir), "labels", channels=False)
         if not labels:
             raise InputError(f"{labels_dir}: no label volumes found (empty label set)")
-        orphans = sorted(set(labels) - set(images))
-        if orphans:
-            raise InputError(f"{labels_dir}: label(s) without a matching image in {images_dir}: {orphans[:10]}")
+        labels = _match_labels(images, labels, Path(labels_dir), images_dir)
     pairs = {i: (p, labels.get(i)) for i, p in images.items()}
     cases = _assign_roles(pairs, labeled, holdout, str(images_dir))
     if num_classes is None:
@@ -236,10 +252,8 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
             raise InputError(f"{dj}: 'training' is empty")
     else:
         images = _scan(root / "imagesTr", "imagesTr")
-        labels = _scan(root / "labelsTr", "labelsTr") if (root / "labelsTr").is_dir() else {}
-        orphans = sorted(set(labels) - set(images))
-        if orphans:
-            raise InputError(f"{root / 'labelsTr'}: label(s) without an image in imagesTr: {orphans[:10]}")
+        labels = _scan(root / "labelsTr", "labelsTr", channels=False) if (root / "labelsTr").is_dir() else {}
+        labels = _match_labels(images, labels, root / "labelsTr", root / "imagesTr")
         if not images:
             raise InputError(f"{root / 'imagesTr'}: no training images")
         pairs = {i: (p, labels.get(i)) for i, p in images.items()}
@@ -255,7 +269,8 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
     elif (root / "imagesTs").is_dir():
         test = {i: (p, None) for i, p in _scan(root / "imagesTs", "imagesTs").items()}
     if test and (root / "labelsTs").is_dir():
-        ts_labels = _scan(root / "labelsTs", "labelsTs")
+        ts_labels = _match_labels(test, _scan(root / "labelsTs", "labelsTs", channels=False),
+                                  root / "labelsTs", root / "imagesTs")
         test = {i: (p, ts_labels.get(i)) for i, p in test.items()}
     clash = sorted(set(test) & set(pairs))
     if clash:
