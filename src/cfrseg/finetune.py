@@ -1,0 +1,457 @@
+"""Stage 1+2 of CFR: fine-tune SAM (LoRA on q, v + mask decoder + no-mask embedding) on mosaics of 3D crops.
+
+``run_finetune(config, data, store)`` trains on ``data.labeled`` and writes to ``store``:
+``checkpoint.pt`` (every ``checkpoint_interval_s`` and at the end; exact resume), ``finetune.pt`` (the small
+delta on top of the base checkpoint, see :func:`load_finetuned`), ``config.json``, ``history.json``, ``loss.png``.
+Inputs come from :mod:`cfrseg.sam_data` (the same path the pseudo-label stage uses), the loss from
+:mod:`cfrseg.losses2d` (valid pixels only). See docs/finetune.md.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cfrseg.config import ConfigBase, require
+from cfrseg.errors import Cancelled, ConfigError, InputError, NotFoundError
+from cfrseg.losses2d import masked_ce_dice
+from cfrseg.manifest import Manifest
+from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
+from cfrseg.sam_data import MosaicSpec, make_batch, prepare_volume
+from cfrseg.store import LocalStore, Store, get_json, put_json
+
+STAGE = "finetune"
+ARTIFACT = "finetune.pt"
+CHECKPOINT = "checkpoint.pt"
+FORMAT = "cfrseg.finetune/1"
+#: config fields that may change between an interrupted run and its resume
+RESUME_FREE = {"resume", "device", "checkpoint_interval_s", "checkpoint"}
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(ConfigBase):
+    """Fine-tuning settings. Defaults are the ``lite`` profile (LiteMedSAM, 256 px, 3x3 slice groups)."""
+
+    model: str = "lite_medsam"                      # SAM registry name: vit_b | vit_l | vit_h | lite_medsam | tiny
+    checkpoint: str | None = None                   # base weights; lite_medsam: the cached LiteMedSAM if None
+    checkpoint_sha256: str | None = None            # expected sha256 of the base checkpoint (checked if set)
+    image_size: int = 256                           # model input side (256 LiteMedSAM, 1024 SAM ViT)
+    # --- mosaic (see cfrseg.sam_data.MosaicSpec): one mosaic = one 3D window of the zoomed volume
+    crop: tuple[int, int, int] = (80, 80, 9)        # (X, Y, D); paper: (112, 112, 80) with a 9x9 grid
+    grid: int = 0                                   # 0 = ceil(sqrt(D))
+    tile_pad: int = 1
+    zoom: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    # --- model / optimisation
+    lora_rank: int = 4
+    lora_alpha: float = 4.0                         # scale alpha / rank = 1 (the reference has no scaling)
+    lora_dropout: float = 0.0
+    iterations: int = 200
+    batch_size: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_iterations: int = 20                     # linear from lr / warmup to lr, then poly decay
+    poly_power: float = 0.9
+    # --- augmentation (the orientation family is also the pseudo-label TTA family)
+    augment_rot90: bool = True
+    augment_flip: bool = True
+    bezier_p: float = 0.5                           # probability of a random Bezier curve on [0, 1] values
+    foreground_prob: float = 0.0                    # probability that a crop is placed on a foreground voxel
+    # --- run
+    seed: int = 1337
+    checkpoint_interval_s: float = 300.0
+    resume: bool = False
+    device: str = "auto"
+
+    def validate(self) -> None:
+        require(bool(self.model), "finetune.model must be a SAM registry name")
+        require(self.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {self.lora_rank}")
+        require(self.lora_alpha > 0, f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
+        require(0 <= self.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        require(self.iterations >= 1, f"finetune.iterations must be >= 1, got {self.iterations}")
+        require(self.batch_size >= 1, f"finetune.batch_size must be >= 1, got {self.batch_size}")
+        require(self.lr > 0, f"finetune.lr must be > 0, got {self.lr}")
+        require(self.weight_decay >= 0, f"finetune.weight_decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.warmup_iterations < self.iterations,
+                f"finetune.warmup_iterations must be in [0, iterations), got {self.warmup_iterations}")
+        require(self.poly_power >= 0, f"finetune.poly_power must be >= 0, got {self.poly_power}")
+        require(0 <= self.bezier_p <= 1, f"finetune.bezier_p must be in [0, 1], got {self.bezier_p}")
+        require(0 <= self.foreground_prob <= 1, f"finetune.foreground_prob must be in [0, 1]")
+        require(self.checkpoint_interval_s > 0, "finetune.checkpoint_interval_s must be > 0")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
+                f"finetune.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        self.spec().check()
+
+    def spec(self) -> MosaicSpec:
+        """The volume -> mosaic settings (stored in finetune.pt for the pseudo-label stage)."""
+        return MosaicSpec(
+            image_size=self.image_size, crop=tuple(self.crop), grid=self.grid, tile_pad=self.tile_pad,
+            zoom=tuple(self.zoom), clip_percentiles=tuple(self.clip_percentiles),
+            rot90=self.augment_rot90, flip=self.augment_flip,
+        )
+
+
+@dataclass
+class FinetuneResult:
+    store: Store
+    artifact: str                     # key of finetune.pt in the store
+    iterations: int
+    final_loss: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    resumed_from: int = 0             # iteration the run resumed at (0 = fresh start)
+    skipped: bool = False             # already finished: nothing was trained
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def sha256_file(path: str | Path) -> str:
+    from cfrseg.weights import sha256_file as _sha
+
+    return _sha(path)
+
+
+def resolve_base_checkpoint(model: str, checkpoint: str | None, expected_sha256: str | None) -> tuple[Path | None, str | None]:
+    """(path, sha256) of the base weights: the given file, the cached one for ``lite_medsam``, or (None, None)
+    for models that may start from a random base. Raises NotFoundError / InputError / ConfigError clearly."""
+    from cfrseg.models.sam import SAM_MODELS
+
+    if model not in SAM_MODELS:
+        raise ConfigError(f"unknown SAM model {model!r}; choose one of {sorted(SAM_MODELS)}")
+    spec = SAM_MODELS[model]
+    if checkpoint:
+        p = Path(checkpoint).expanduser()
+        if not p.is_file():
+            raise NotFoundError(f"SAM checkpoint file {p} not found (finetune.checkpoint)")
+    elif spec.weights is not None:
+        from cfrseg.weights import fetch
+
+        p = Path(fetch(spec.weights))
+    elif not spec.pretrainable:
+        if expected_sha256:
+            raise ConfigError(f"checkpoint_sha256 is set but model {model!r} has no checkpoint file")
+        return None, None
+    else:
+        raise ConfigError(f"model {model!r} needs its SAM checkpoint: set finetune.checkpoint "
+                          f"(e.g. sam_vit_b_01ec64.pth) or use --sam-checkpoint")
+    sha = sha256_file(p)
+    if expected_sha256 and sha.lower() != expected_sha256.lower():
+        raise InputError(f"SAM checkpoint {p} has sha256 {sha}, expected {expected_sha256} "
+                         f"(wrong or corrupted file)")
+    return p, sha
+
+
+def build_model(model: str, num_classes: int, checkpoint: Path | None, image_size: int, *,
+                lora_rank: int, lora_alpha: float, lora_dropout: float, base_seed: int = 0) -> torch.nn.Module:
+    """Base SAM (+ LoRA on q, v); everything frozen except LoRA, the mask decoder and the no-mask embedding.
+    The base is built under ``base_seed`` so a model without a checkpoint (``tiny``) is reproducible."""
+    from cfrseg.models.lora import inject_lora
+    from cfrseg.models.sam import build_sam
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(base_seed)
+        sam = build_sam(model, num_classes, checkpoint=str(checkpoint) if checkpoint else None,
+                        image_size=image_size, pretrained=checkpoint is not None)
+        inject_lora(sam, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+    return sam
+
+
+def trainable_state(sam: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The fine-tuned delta (LoRA A/B, mask decoder minus IoU head, no-mask embedding), cloned to the CPU."""
+    from cfrseg.models.lora import lora_state_dict
+
+    return {k: v.to("cpu", copy=True) for k, v in lora_state_dict(sam).items()}
+
+
+def load_trainable_state(sam: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a :func:`trainable_state` into a model built the same way (InputError when it does not fit)."""
+    from cfrseg.models.lora import load_lora_state_dict
+
+    load_lora_state_dict(sam, state)
+
+
+def train_mode(sam: torch.nn.Module) -> None:
+    """Train mode for the trainable parts, but BatchNorm layers of the frozen encoder stay in eval mode
+    (their running statistics belong to the base and must not drift)."""
+    sam.train()
+    for m in sam.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def lr_lambda(config: FinetuneConfig):
+    """Multiplier of config.lr at step t: linear warmup (t+1)/W for t < W, then (1 - progress)^power."""
+    w, n, pw = config.warmup_iterations, config.iterations, config.poly_power
+
+    def f(t: int) -> float:
+        if t < w:
+            return (t + 1) / w
+        return max(0.0, 1.0 - (t - w) / max(1, n - w)) ** pw
+
+    return f
+
+
+def _rng_state(g: torch.Generator) -> dict[str, Any]:
+    st: dict[str, Any] = {"data": g.get_state(), "torch": torch.get_rng_state(),
+                          "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(g: torch.Generator, st: dict[str, Any]) -> None:
+    g.set_state(st["data"])
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    random.setstate(st["python"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def _save_pt(store: Store, key: str, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    store.put_bytes(key, buf.getvalue())
+
+
+def _load_pt(store: Store, key: str) -> Any:
+    return torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=False)
+
+
+def _training_fields(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if k not in RESUME_FREE}
+
+
+def _diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def plot_loss(history: list[dict[str, float]]) -> bytes:
+    """PNG bytes of loss / CE / Dice against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = [h["step"] for h in history]
+    for k in ("loss", "ce", "dice"):
+        ax.plot(steps, [h[k] for h in history], label=k, lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_title("SAM fine-tuning loss (valid pixels)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------ the stage
+
+def _finished(config: FinetuneConfig, store: Store) -> dict[str, Any] | None:
+    """The artifact when the store holds a finished run of this same config, else None."""
+    if not store.exists(ARTIFACT):
+        return None
+    try:
+        art = _load_pt(store, ARTIFACT)
+    except Exception:  # noqa: BLE001 - a broken artifact just means "not finished"
+        return None
+    if art.get("format") != FORMAT or art.get("iterations") != config.iterations:
+        return None
+    if _diff(_training_fields(art.get("config", {})), _training_fields(config.to_dict())):
+        return None
+    return art
+
+
+def run_finetune(
+    config: FinetuneConfig,
+    data: Manifest,
+    store: Store,
+    *,
+    progress: ProgressFn | None = None,
+    cancel: CancelFlag | None = None,
+) -> FinetuneResult:
+    """Fine-tune SAM on mosaics of the labeled cases of ``data``; see the module docstring for the outputs.
+
+    Raises InputError (no labeled case, unreadable data), NotFoundError (checkpoint file missing),
+    ConfigError, Cancelled (after writing ``checkpoint.pt``)."""
+    t0 = time.monotonic()
+    labeled = data.labeled
+    if not labeled:
+        raise InputError(f"manifest {data.name!r} has no labeled case; fine-tuning needs at least one")
+    base_path, base_sha = resolve_base_checkpoint(config.model, config.checkpoint, config.checkpoint_sha256)
+
+    done = _finished(config, store)
+    if done is not None:
+        hist = get_json(store, "history.json") if store.exists("history.json") else []
+        emit(progress, ProgressEvent(STAGE, config.iterations, config.iterations, message="already finished"))
+        return FinetuneResult(store, ARTIFACT, config.iterations, hist[-1]["loss"] if hist else float("nan"),
+                              hist, 0.0, config.iterations, skipped=True)
+
+    device = resolve_device(config.device)
+    spec = config.spec()
+    sam = build_model(config.model, data.num_classes, base_path, config.image_size, lora_rank=config.lora_rank,
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout).to(device)
+    params = [p for p in sam.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError(f"model {config.model!r}: nothing to train (no LoRA / decoder parameters)")
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+
+    g = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    history: list[dict[str, float]] = []
+    start = 0
+    if config.resume and store.exists(CHECKPOINT):
+        ck = _load_pt(store, CHECKPOINT)
+        changed = _diff(_training_fields(ck["config"]), _training_fields(config.to_dict()))
+        if changed:
+            raise ConfigError(f"cannot resume: the checkpoint in {store!r} was made with different "
+                              f"settings {changed}; start a new run (resume=false) or restore them")
+        if ck.get("base_sha256") != base_sha:
+            raise InputError(f"cannot resume: the checkpoint was trained on a base with sha256 "
+                             f"{ck.get('base_sha256')}, the current base has {base_sha}")
+        load_trainable_state(sam, ck["trainable"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        _set_rng_state(g, ck["rng"])
+        history = list(ck["history"])
+        start = int(ck["iteration"])
+
+    def save_checkpoint(iteration: int) -> None:
+        _save_pt(store, CHECKPOINT, {
+            "format": FORMAT, "iteration": iteration, "config": config.to_dict(), "base_sha256": base_sha,
+            "trainable": trainable_state(sam), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "rng": _rng_state(g), "history": history,
+        })
+        put_json(store, "history.json", history)
+
+    put_json(store, "config.json", config.to_dict())
+    volumes = []
+    from cfrseg.data import load_case
+
+    for i, case in enumerate(labeled):
+        check_cancel(cancel, STAGE)
+        img, lab = load_case(case, data)
+        if lab is None:
+            raise InputError(f"labeled case {case.case_id!r} has no label")
+        volumes.append(prepare_volume(img.array, lab.array, spec, data.num_classes, device))
+        emit(progress, ProgressEvent(STAGE, start, config.iterations,
+                                     message=f"loaded {i + 1}/{len(labeled)} labeled cases"))
+
+    train_mode(sam)
+    eta = Eta()
+    last_ck = time.monotonic()
+    it = start
+    try:
+        for it in range(start, config.iterations):
+            check_cancel(cancel, STAGE)
+            images, target, valid = make_batch(volumes, spec, config.batch_size, g, bezier_p=config.bezier_p,
+                                               foreground_prob=config.foreground_prob)
+            logits = sam(images)
+            loss, parts = masked_ce_dice(logits, target, valid)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            rec = {"step": it + 1, "loss": float(loss.detach()), **parts, "lr": lr}
+            history.append(rec)
+            emit(progress, ProgressEvent(STAGE, it + 1, config.iterations,
+                                         {k: rec[k] for k in ("loss", "ce", "dice")},
+                                         eta_s=eta(it + 1, config.iterations)))
+            if time.monotonic() - last_ck >= config.checkpoint_interval_s and it + 1 < config.iterations:
+                save_checkpoint(it + 1)
+                last_ck = time.monotonic()
+    except Cancelled:
+        save_checkpoint(it)
+        raise
+
+    save_checkpoint(config.iterations)
+    _save_pt(store, ARTIFACT, {
+        "format": FORMAT, "model": config.model, "num_classes": data.num_classes,
+        "image_size": config.image_size,
+        "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout},
+        "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
+        "spec": spec.to_dict(), "iterations": config.iterations, "config": config.to_dict(),
+        "delta": trainable_state(sam),
+    })
+    store.put_bytes("loss.png", plot_loss(history))
+    emit(progress, ProgressEvent(STAGE, config.iterations, config.iterations, message="done"))
+    return FinetuneResult(store, ARTIFACT, config.iterations, history[-1]["loss"] if history else float("nan"),
+                          history, time.monotonic() - t0, start)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _as_store(store_or_dir: Store | str | Path) -> Store:
+    return LocalStore(store_or_dir) if isinstance(store_or_dir, (str, Path)) else store_or_dir
+
+
+def read_artifact(store_or_dir: Store | str | Path) -> dict[str, Any]:
+    """The contents of ``finetune.pt`` (NotFoundError when absent, InputError when not a cfrseg artifact)."""
+    store = _as_store(store_or_dir)
+    if not store.exists(ARTIFACT):
+        raise NotFoundError(f"no {ARTIFACT} in {store!r}: run the fine-tune stage first")
+    art = _load_pt(store, ARTIFACT)
+    if not isinstance(art, dict) or art.get("format") != FORMAT:
+        raise InputError(f"{store!r}/{ARTIFACT} is not a cfrseg fine-tune artifact")
+    return art
+
+
+def load_finetuned_spec(store_or_dir: Store | str | Path) -> MosaicSpec:
+    """The volume -> mosaic settings the model was fine-tuned with."""
+    return MosaicSpec.from_dict(read_artifact(store_or_dir)["spec"])
+
+
+def load_finetuned(
+    store_or_dir: Store | str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    checkpoint: str | Path | None = None,
+    artifact: dict[str, Any] | None = None,
+) -> torch.nn.Module:
+    """Rebuild the base SAM, check its sha256 against the one recorded at fine-tune time, apply the delta.
+
+    ``checkpoint`` overrides where the base weights are read (default: the recorded path, or the cache for
+    lite_medsam). Returns the model in eval mode on ``device``; ``model.cfr_spec`` holds the MosaicSpec."""
+    art = artifact if artifact is not None else read_artifact(store_or_dir)
+    model, want = art["model"], art.get("base_sha256")
+    ck = checkpoint or art.get("base_checkpoint")
+    if want is None:
+        path = None
+    else:
+        if ck is None or not Path(ck).is_file():
+            from cfrseg.models.sam import SAM_MODELS
+
+            if checkpoint is None and model in SAM_MODELS and SAM_MODELS[model].weights is not None:
+                ck = None   # the weight cache provides it (sha256 checked below)
+            else:
+                raise NotFoundError(f"base SAM checkpoint {ck} not found; pass the file this model was "
+                                    f"fine-tuned on (sha256 {want})")
+        path, sha = resolve_base_checkpoint(model, str(ck) if ck else None, None)
+        if sha != want:
+            raise InputError(f"base SAM checkpoint {path} has sha256 {sha}, but the fine-tuned delta was "
+                             f"trained on {want}: use the same base checkpoint")
+    lo = art["lora"]
+    sam = build_model(model, art["num_classes"], path, art["image_size"], lora_rank=lo["rank"],
+                      lora_alpha=lo["alpha"], lora_dropout=lo["dropout"], base_seed=art.get("base_seed", 0))
+    load_trainable_state(sam, art["delta"])
+    sam.eval()
+    sam.cfr_spec = MosaicSpec.from_dict(art["spec"])  # type: ignore[assignment]
+    return sam.to(device)
