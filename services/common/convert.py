@@ -38,10 +38,10 @@ def error_info(d: dict[str, Any] | None) -> pb.ErrorInfo | None:
 def stage_job(rec: dict[str, Any]) -> pb.StageJob:
     job = pb.StageJob(
         run_id=rec["run_id"], stage=rec["stage"], state=stage_state(rec.get("state", "")),
-        step=int(rec.get("step", 0)), total=int(rec.get("total", 0)), losses=rec.get("losses") or {},
+        step=int(rec.get("step") or 0), total=int(rec.get("total") or 0), losses=rec.get("losses") or {},
         message=rec.get("message", ""), output_prefix=rec.get("output_prefix", ""),
         outputs=[object_ref(o) for o in rec.get("outputs", [])], error=error_info(rec.get("error")),
-        attempt=int(rec.get("attempt", 0)), created=ts(rec.get("created")), started=ts(rec.get("started")),
+        attempt=int(rec.get("attempt") or 0), created=ts(rec.get("created")), started=ts(rec.get("started")),
         finished=ts(rec.get("finished")), result_json=rec.get("result_json", ""),
     )
     if rec.get("eta_s") is not None:
@@ -51,9 +51,9 @@ def stage_job(rec: dict[str, Any]) -> pb.StageJob:
 
 def progress_event(ev: dict[str, Any]) -> pb.ProgressEvent:
     out = pb.ProgressEvent(
-        run_id=ev["run_id"], stage=ev["stage"], step=int(ev.get("step", 0)), total=int(ev.get("total", 0)),
+        run_id=ev["run_id"], stage=ev["stage"], step=int(ev.get("step") or 0), total=int(ev.get("total") or 0),
         losses=ev.get("losses") or {}, message=ev.get("message", ""), state=stage_state(ev.get("state", "")),
-        time=ts(ev.get("time")), seq=int(ev.get("seq", 0)),
+        time=ts(ev.get("time")), seq=int(ev.get("seq") or 0),
     )
     if ev.get("eta_s") is not None:
         out.eta_s = float(ev["eta_s"])

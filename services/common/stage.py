@@ -209,7 +209,8 @@ class StageServicer:
                                    f"{self.stage} device busy with run {self._busy.run_id!r}; retry later")
             load_manifest(self.store, req.manifest.key, req.manifest.sha256)  # reject bad input before queueing
             now = time.time()
-            rec = {**(rec or {}), "run_id": run_id, "stage": self.stage, "fingerprint": fp,
+            rec = {"step": 0, "total": 0, "losses": {}, "eta_s": None, **(rec or {}),
+                   "run_id": run_id, "stage": self.stage, "fingerprint": fp,
                    "state": "PENDING", "message": "starting", "error": None,
                    "attempt": int((rec or {}).get("attempt", 0)) + 1,
                    "created": (rec or {}).get("created", now), "started": now, "finished": None,

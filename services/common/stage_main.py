@@ -18,7 +18,7 @@ def build(stage: str, service_name: str, add_to_server: Callable[[Any, Any], Non
           impl: str = "") -> tuple[Server, StageServicer]:
     store = S3Store.from_settings(settings)
     store.ensure_bucket()
-    jobs = JobStore.connect(store, settings.redis_url)
+    jobs = JobStore.connect(store, settings.redis_url, namespace=f"cfrseg:{settings.s3_bucket}")
     fn = load_impl(impl or settings.stage_impl or default_impl)
     servicer = servicer_cls(stage, fn, store, jobs, settings)
     server = Server(settings, tokens=[settings.internal_token], service_names=[service_name])
