@@ -1,0 +1,199 @@
+"""Re-training stage on 2-3 real LA cases with the tiny network (seconds each)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cfrseg.errors import Cancelled, ConfigError, InputError
+from cfrseg.progress import ProgressEvent
+from cfrseg.retrain import RetrainConfig, evaluate_model, learning_rate, load_checkpoint, run_retrain
+from cfrseg.store import LocalStore
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The tiny network gains nothing from 2 threads, and the shared 2-core CPU makes them thrash."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw) -> RetrainConfig:
+    base = dict(network="tiny", network_kwargs={"has_dropout": True}, iterations=30, patch=(32, 32, 16),
+                zoom=(0.5, 0.5, 0.5), uamt_T=2, lr_schedule="constant", lr=0.02, seed=7,
+                infer={"patch": (32, 32, 16), "stride": (16, 16, 8), "batch_size": 8}, device="cpu")
+    base.update(kw)
+    return RetrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def la2(la_dir):
+    from cfrseg.data import manifest_from_la
+
+    return manifest_from_la(la_dir, 1, limit=2)          # 1 labeled + 1 unlabeled
+
+
+@pytest.fixture(scope="module")
+def la2_pl(la2):
+    # the unlabeled case's own (LA h5) label stands in for a SAM pseudo-label
+    return la2.with_pseudo_labels({c.case_id: c.image for c in la2.unlabeled})
+
+
+def _first_last(history, key, n=8):
+    v = [h[key] for h in history]
+    return float(np.mean(v[:n])), float(np.mean(v[-n:]))
+
+
+# ------------------------------------------------------------------------------------------------ config
+@pytest.mark.parametrize("bad, match", [
+    ({"ssl": "magicnet"}, "ssl must be one of"),
+    ({"iterations": 0}, "iterations must be an integer >= 1"),
+    ({"patch": (30, 32, 16)}, "multiples of 16"),
+    ({"zoom": (0.5, 0.5)}, "zoom"),
+    ({"lr": -1.0}, "lr must be a positive"),
+    ({"ema_decay": 1.0}, "ema_decay"),
+    ({"lr_schedule": "cosine"}, "lr_schedule"),
+    ({"acmt_threshold": (0.95, 0.75)}, "acmt_threshold"),
+    ({"pl_ramp": "linear"}, "pl_ramp"),
+    ({"evaluate": "best"}, "evaluate"),
+    ({"batch_unlabeled": 0}, "batch_unlabeled must be >= 1"),
+])
+def test_bad_config_values(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        _cfg(**bad)
+
+
+def test_config_json_roundtrip_and_unknown_key():
+    c = _cfg(zoom=0.5)
+    assert c.zoom == (0.5, 0.5, 0.5)
+    assert RetrainConfig.from_dict(json.loads(c.to_json())) == c
+    with pytest.raises(ConfigError, match="unknown option"):
+        RetrainConfig.from_dict({"iteration": 5})
+
+
+def test_lr_schedules():
+    c = RetrainConfig(iterations=6000)
+    assert [learning_rate(c, s) for s in (0, 2499, 2500, 4999, 5000)] == pytest.approx(
+        [0.01, 0.01, 0.001, 0.001, 0.0001])
+    p = c.replace(lr_schedule="poly")
+    assert learning_rate(p, 0) == 0.01 and learning_rate(p, 3000) == pytest.approx(0.01 * 0.5 ** 0.9)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@pytest.mark.la
+@pytest.mark.parametrize("ssl", ["none", "mt", "st", "uamt", "acmt"])
+def test_each_method_learns(ssl, la2, tmp_path):
+    events: list[ProgressEvent] = []
+    res = run_retrain(_cfg(ssl=ssl, iterations=30), la2, LocalStore(tmp_path), progress=events.append)
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert res.iterations == 30 and len(hist) == 30 and len(events) == 30
+    assert events[-1].stage == "retrain" and events[-1].step == 30 and "loss" in events[-1].losses
+    first, last = _first_last(hist, "sup")
+    assert last < first, (ssl, first, last)
+    if ssl != "none":
+        assert "cons" in hist[-1] and hist[-1]["w_cons"] > hist[0]["w_cons"]
+    for key in ("model.pt", "checkpoint.pt", "config.json", "history.json", "loss.png"):
+        assert (tmp_path / key).is_file(), key
+    art = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert art["student"] is not None and art["teacher"] is not None and art["evaluate"] == "teacher"
+    assert art["preprocess"]["zoom"] == (0.5, 0.5, 0.5)
+
+
+def _same_weights(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _CancelAfter:
+    def __init__(self, n: int) -> None:
+        self.n, self.polls = n, 0
+
+    def is_set(self) -> bool:
+        self.polls += 1
+        return self.polls > self.n
+
+
+@pytest.mark.la
+def test_resume_is_bit_exact_and_cancel_checkpoints(la2_pl, tmp_path):
+    cfg = _cfg(ssl="uamt", iterations=12, pl_ramp="sigmoid", lr_schedule="step", num_workers=2)
+    straight = LocalStore(tmp_path / "a")
+    run_retrain(cfg, la2_pl, straight)
+    crashed = LocalStore(tmp_path / "b")
+    with pytest.raises(Cancelled):
+        run_retrain(cfg, la2_pl, crashed, cancel=_CancelAfter(5))
+    ck = load_checkpoint(crashed)
+    assert ck["iteration"] == 5 and not crashed.exists("model.pt")
+    torch.manual_seed(12345)  # the caller's RNG must not matter: the checkpoint restores it
+    res = run_retrain(cfg.replace(resume=True), la2_pl, crashed)
+    assert res.iterations == 12
+    a, b = load_checkpoint(straight), load_checkpoint(crashed)
+    assert _same_weights(a["student"], b["student"]) and _same_weights(a["teacher"], b["teacher"])
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+@pytest.mark.la
+def test_resume_refuses_other_settings_and_finished_is_idempotent(la2, tmp_path):
+    store = LocalStore(tmp_path)
+    cfg = _cfg(ssl="none", iterations=4)
+    run_retrain(cfg, la2, store)
+    mtime = (tmp_path / "checkpoint.pt").stat().st_mtime_ns
+    events: list[ProgressEvent] = []
+    res = run_retrain(cfg.replace(resume=True), la2, store, progress=events.append)
+    assert res.iterations == 4 and (tmp_path / "checkpoint.pt").stat().st_mtime_ns == mtime
+    assert events[-1].message == "already finished"
+    store.delete("model.pt")
+    with pytest.raises(ConfigError, match="lr"):
+        run_retrain(cfg.replace(resume=True, lr=0.5), la2, store)
+
+
+@pytest.mark.la
+def test_pseudo_label_term(la2_pl, tmp_path):
+    cfg = _cfg(ssl="none", iterations=10, pl_weight=0.5, pl_ramp="sigmoid", pl_rampup=0.5)
+    run_retrain(cfg, la2_pl, LocalStore(tmp_path))
+    hist = json.loads((tmp_path / "history.json").read_text())
+    from cfrseg.ssl import sigmoid_rampup
+
+    assert all("pl" in h for h in hist)
+    assert [h["w_pl"] for h in hist] == pytest.approx([0.5 * sigmoid_rampup(s, 5) for s in range(10)])
+    assert hist[0]["loss"] == pytest.approx(hist[0]["sup"] + hist[0]["w_pl"] * hist[0]["pl"], rel=1e-5)
+
+
+@pytest.mark.la
+def test_no_pseudo_label_term_without_pseudo_labels(la2, tmp_path):
+    run_retrain(_cfg(ssl="mt", iterations=2), la2, LocalStore(tmp_path))
+    hist = json.loads((tmp_path / "history.json").read_text())
+    assert "pl" not in hist[-1]
+
+
+@pytest.mark.la
+def test_single_labeled_case_with_batch_two(la2, tmp_path):
+    res = run_retrain(_cfg(ssl="mt", iterations=3, batch_labeled=2, batch_unlabeled=1), la2, LocalStore(tmp_path))
+    assert res.iterations == 3
+
+
+@pytest.mark.la
+def test_missing_unlabeled_cases_is_a_clear_error(la2, tmp_path):
+    only_lab = dataclasses.replace(la2, cases=tuple(la2.labeled))
+    with pytest.raises(InputError, match="needs unlabeled cases"):
+        run_retrain(_cfg(ssl="mt", iterations=2), only_lab, LocalStore(tmp_path))
+
+
+@pytest.mark.la
+def test_evaluate_model(la_dir, tmp_path):
+    from cfrseg.data import manifest_from_la
+
+    m = manifest_from_la(la_dir, 1, limit=2, holdout=1)   # 1 labeled, 1 test
+    store = LocalStore(tmp_path / "run")
+    run_retrain(_cfg(ssl="none", iterations=3), m, store)
+    out = evaluate_model(tmp_path / "run", m, predictions=tmp_path / "pred")
+    (cid,) = out["cases"]
+    assert set(out["cases"][cid]) >= {"dice", "jaccard", "asd", "hd95"}
+    assert out["summary"]["n_cases"] == 1 and out["evaluate"] == "teacher"
+    assert (tmp_path / "pred" / f"{cid}.nii.gz").is_file()
+    out2 = evaluate_model(store, m.test, m)                  # from a Store, with a case list
+    assert out2["cases"][cid]["dice"] == out["cases"][cid]["dice"]
