@@ -166,7 +166,8 @@ def run_cmd(args: argparse.Namespace) -> int:
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
-    cfg = PipelineConfig.from_profile(prof, ssl=args.ssl, resume=args.resume, sam_checkpoint=args.sam_checkpoint)
+    cfg = PipelineConfig.from_profile(prof, ssl=args.ssl, resume=args.resume, sam_checkpoint=args.sam_checkpoint,
+                                      profile=args.profile)
     data = _manifest(args)
     test = None
     if args.test_data:

@@ -1,0 +1,296 @@
+"""The whole CFR pipeline: fine-tune SAM -> pseudo-label -> re-train the 3D network -> evaluate -> report.
+
+One call, resumable: each stage keeps its checkpoint and artifacts in its own part of ``store``
+(``finetune/``, ``pseudolabel/``, ``retrain/``), and a finished stage is not run again. Writes ``report.json``,
+``report.md``, ``loss_curves.png`` and ``overlays/<case>.png`` at the top of ``store``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from cfrseg.errors import ConfigError, InputError
+from cfrseg.evaluate import _clean
+from cfrseg.finetune import FinetuneConfig, run_finetune
+from cfrseg.manifest import Case, Manifest
+from cfrseg.progress import CancelFlag, ProgressEvent, ProgressFn, emit
+from cfrseg.pseudolabel import PseudolabelConfig, evaluate_sam, run_pseudolabel
+from cfrseg.retrain import RetrainConfig, evaluate_model, run_retrain
+from cfrseg.store import LocalStore, Store, get_json, put_json
+
+STAGES = ("finetune", "pseudolabel", "retrain")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    finetune: FinetuneConfig
+    pseudolabel: PseudolabelConfig
+    retrain: RetrainConfig
+    evaluate_sam: bool = True     # also score SAM alone on the test cases (the paper's CFR_FT row)
+    overlays: int = 3             # mid-slice overlay PNGs of this many unlabeled cases
+    profile: str = ""
+
+    @classmethod
+    def from_profile(cls, prof: Mapping[str, Any], *, ssl: str | None = None, resume: bool = False,
+                     sam_checkpoint: str | None = None, profile: str = "") -> "PipelineConfig":
+        """Build from a profile's sections ("finetune", "pseudolabel", "retrain", optional "pipeline")."""
+        unknown = sorted(set(prof) - {"finetune", "pseudolabel", "retrain", "pipeline", "data", "infer", "_doc"})
+        if unknown:
+            raise ConfigError(f"profile: unknown section(s) {unknown}")
+        ft = dict(prof.get("finetune", {}), resume=resume)
+        if sam_checkpoint:
+            ft["checkpoint"] = sam_checkpoint
+        rt = dict(prof.get("retrain", {}), resume=resume)
+        if ssl is not None:
+            rt["ssl"] = ssl
+        if "infer" in prof:
+            rt["infer"] = dict(prof["infer"], **rt.get("infer", {}))
+        pl = dict(prof.get("pseudolabel", {}))
+        if sam_checkpoint:
+            pl["checkpoint"] = sam_checkpoint
+        extra = dict(prof.get("pipeline", {}))
+        bad = sorted(set(extra) - {"evaluate_sam", "overlays"})
+        if bad:
+            raise ConfigError(f"profile section 'pipeline': unknown option(s) {bad}")
+        return cls(FinetuneConfig.from_dict(ft), PseudolabelConfig.from_dict(pl), RetrainConfig.from_dict(rt),
+                   profile=profile, **extra)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"profile": self.profile, "finetune": self.finetune.to_dict(),
+                "pseudolabel": self.pseudolabel.to_dict(), "retrain": self.retrain.to_dict(),
+                "pipeline": {"evaluate_sam": self.evaluate_sam, "overlays": self.overlays}}
+
+
+@dataclass
+class PipelineResult:
+    report: dict[str, Any]
+    summary: str
+    store: Store = field(repr=False, default=None)  # type: ignore[assignment]
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _fg(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """Foreground-class means of a metrics summary: {"dice": {"mean", "std"}, ..., "n"}."""
+    out: dict[str, Any] = {"n": summary["n_cases"]}
+    for m, v in summary["metrics"].items():
+        stds = np.array(v["std"], dtype=float)
+        stds = stds[~np.isnan(stds)]
+        out[m] = {"mean": v["class_mean"], "std": float(stds.mean()) if stds.size else float("nan")}
+    return out
+
+
+class _LocalFiles:
+    """Local paths of stored label files (downloads them when the store is not a LocalStore)."""
+
+    def __init__(self) -> None:
+        self._tmp: tempfile.TemporaryDirectory | None = None
+
+    def path(self, store: Store, key: str) -> str:
+        if isinstance(store, LocalStore):
+            return str(store.path(key))
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="cfrseg-pl-")
+        dest = Path(self._tmp.name) / key
+        store.get_file(key, dest)
+        return str(dest)
+
+
+def _test_sets(data: Manifest, test_data: Manifest | None) -> list[tuple[str, Manifest, list[Case]]]:
+    sets = []
+    if data.test:
+        sets.append(("holdout", data, data.test))
+    if test_data is not None:
+        if not test_data.test:
+            raise InputError(f"--test-data {test_data.name!r} has no cases")
+        if test_data.num_classes != data.num_classes:
+            raise InputError(f"test data has {test_data.num_classes} classes, training data {data.num_classes}")
+        sets.append(("test", test_data, test_data.test))
+    return sets
+
+
+def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_data: Manifest | None = None,
+                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> PipelineResult:
+    """Run the three stages and the evaluations; see the module docstring. Returns the report."""
+    if not data.labeled:
+        raise InputError(f"dataset {data.name!r} has no labeled case")
+    if not data.unlabeled:
+        raise InputError(f"dataset {data.name!r} has no unlabeled case: CFR needs unlabeled volumes")
+    sets = _test_sets(data, test_data)
+    put_json(store, "pipeline_config.json", config.to_dict())
+    t_all = time.monotonic()
+    timings: dict[str, float] = {}
+    peaks: dict[str, float] = {}
+
+    def stage_done(name: str, t0: float) -> None:
+        timings[name] = round(time.monotonic() - t0, 1)
+        peaks[name] = round(_peak_rss_mb(), 1)
+
+    t0 = time.monotonic()
+    ft_store = store.sub("finetune")
+    ft = run_finetune(config.finetune, data, ft_store, progress=progress, cancel=cancel)
+    stage_done("finetune", t0)
+
+    t0 = time.monotonic()
+    pl_store = store.sub("pseudolabel")
+    pl = run_pseudolabel(config.pseudolabel, data, pl_store, finetuned=ft_store, progress=progress, cancel=cancel)
+    files = _LocalFiles()
+    paths = {cid: files.path(pl_store, key) for cid, key in pl.labels.items()}
+    data_pl = data.with_pseudo_labels({c.case_id: paths[c.case_id] for c in data.unlabeled if c.case_id in paths})
+    pl_quality = _pseudo_label_quality(data_pl)
+    stage_done("pseudolabel", t0)
+
+    sam_metrics: dict[str, Any] = {}
+    if config.evaluate_sam and sets:
+        t0 = time.monotonic()
+        for name, man, cases in sets:
+            res = evaluate_sam(config.pseudolabel, man, ft_store, case_ids=[c.case_id for c in cases],
+                               progress=progress, cancel=cancel)
+            sam_metrics[name] = res
+        stage_done("evaluate_sam", t0)
+
+    t0 = time.monotonic()
+    rt_store = store.sub("retrain")
+    rt = run_retrain(config.retrain, data_pl, rt_store, progress=progress, cancel=cancel)
+    stage_done("retrain", t0)
+
+    final_metrics: dict[str, Any] = {}
+    if sets:
+        t0 = time.monotonic()
+        for name, man, cases in sets:
+            final_metrics[name] = evaluate_model(rt_store, cases, man, device=config.retrain.device,
+                                                 progress=progress, cancel=cancel)
+        stage_done("evaluate", t0)
+
+    emit(progress, ProgressEvent("report", 0, 1, message="writing report"))
+    pictures = _pictures(config, data_pl, store, rt_store, ft_store)
+    report = {
+        "profile": config.profile,
+        "config": config.to_dict(),
+        "dataset": {"name": data.name, "num_classes": data.num_classes, "labeled": len(data.labeled),
+                    "unlabeled": len(data.unlabeled), "test": {n: len(c) for n, _, c in sets}},
+        "timings_s": dict(timings, total=round(time.monotonic() - t_all, 1)),
+        "peak_rss_mb": dict(peaks, overall=round(_peak_rss_mb(), 1)),
+        "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from},
+        "pseudolabel": {"cases": len(pl.labels), "skipped": len(pl.skipped), "quality": pl_quality},
+        "retrain": {"iterations": rt.iterations, "final_losses": rt.final_losses, "ssl": config.retrain.ssl,
+                    "evaluated_weights": config.retrain.evaluate},
+        "metrics": {
+            "CFR_FT": {n: {"summary": r["summary"], "cases": r["cases"]} for n, r in sam_metrics.items()},
+            "final": {n: {"summary": r["summary"], "cases": r["cases"]} for n, r in final_metrics.items()},
+        },
+        "pictures": pictures,
+    }
+    put_json(store, "report.json", _clean(report))
+    md = _report_md(report, config)
+    store.put_bytes("report.md", md.encode())
+    emit(progress, ProgressEvent("report", 1, 1, message="done"))
+    return PipelineResult(report, _summary_text(report), store)
+
+
+def _pseudo_label_quality(data: Manifest) -> dict[str, Any] | None:
+    """Dice etc. of the SAM pseudo-labels on unlabeled cases that happen to have labels (e.g. LA)."""
+    from cfrseg.data import load_case, load_pseudo_label
+    from cfrseg.metrics import compute_case, summarize
+
+    res = {}
+    for c in data.unlabeled:
+        if not c.label or not c.pseudo_label:
+            continue
+        image, gt = load_case(c, data, check_pseudo=False)
+        if gt is None:
+            continue
+        pl = load_pseudo_label(c, data, image)
+        res[c.case_id] = compute_case(pl.array, gt.array, image.spacing, data.num_classes)
+    if not res:
+        return None
+    return {"summary": summarize(list(res.values())), "cases": res}
+
+
+def _pictures(config: PipelineConfig, data: Manifest, store: Store, rt_store: Store, ft_store: Store) -> list[str]:
+    from cfrseg.data import load_case, load_pseudo_label
+    from cfrseg.infer import InferConfig, load_model, segment_volume
+    from cfrseg.report import loss_curves_png, overlay_png
+
+    out: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="cfrseg-report-") as tmp:
+        hist = {}
+        for name, st in (("finetune", ft_store), ("retrain", rt_store)):
+            if st.exists("history.json"):
+                h = get_json(st, "history.json")
+                hist[name] = h if isinstance(h, list) else h.get("history", [])
+        p = loss_curves_png(Path(tmp) / "loss_curves.png", hist)
+        store.put_file("loss_curves.png", p)
+        out.append("loss_curves.png")
+        cases = [c for c in data.unlabeled if c.pseudo_label][: config.overlays]
+        if cases:
+            net, meta = load_model(rt_store.get_bytes("model.pt"), device=config.retrain.device)
+            icfg = InferConfig.from_dict(dict(meta.get("infer", {}), device=config.retrain.device))
+            for c in cases:
+                image, gt = load_case(c, data, check_pseudo=False)
+                pl = load_pseudo_label(c, data, image)
+                pred = segment_volume(net, image, icfg, meta["preprocess"])
+                panels = [("ground truth", gt.array if gt is not None else None), ("SAM pseudo-label", pl.array),
+                          ("final 3D model", pred.array)]
+                p = overlay_png(Path(tmp) / f"{c.case_id}.png", image.array, panels, title=c.case_id)
+                store.put_file(f"overlays/{c.case_id}.png", p)
+                out.append(f"overlays/{c.case_id}.png")
+    return out
+
+
+def _row(summary: Mapping[str, Any]) -> str:
+    f = _fg(summary)
+
+    def cell(m: str) -> str:
+        v = f[m]
+        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["mean"] == v["mean"] else "nan"
+
+    return " | ".join(cell(m) for m in ("dice", "jaccard", "asd", "hd95")) + f" | {f['n']}"
+
+
+def _report_md(report: Mapping[str, Any], config: PipelineConfig) -> str:
+    lines = [f"# CFR run report ({report['profile'] or 'custom profile'})", ""]
+    d = report["dataset"]
+    lines += [f"Dataset `{d['name']}`: {d['labeled']} labeled, {d['unlabeled']} unlabeled, test sets {d['test']}.",
+              f"SAM `{config.finetune.model}` fine-tuned {report['finetune']['iterations']} iterations; "
+              f"3D network `{config.retrain.network}` re-trained with `{config.retrain.ssl}` for "
+              f"{report['retrain']['iterations']} iterations (evaluated: {config.retrain.evaluate} weights).", ""]
+    lines += ["## Metrics (foreground classes; ASD/HD95 in mm)", "",
+              "| model | set | Dice | Jaccard | ASD | HD95 | cases |", "|---|---|---|---|---|---|---|"]
+    q = report["pseudolabel"]["quality"]
+    if q:
+        lines.append(f"| SAM pseudo-labels | unlabeled | {_row(q['summary'])} |")
+    for model_name, key in (("CFR_FT (SAM alone)", "CFR_FT"), (f"CFR_{config.retrain.ssl.upper()}", "final")):
+        for set_name, r in report["metrics"][key].items():
+            lines.append(f"| {model_name} | {set_name} | {_row(r['summary'])} |")
+    lines += ["", "## Time and memory", "", "| stage | wall (s) | peak RSS so far (MB) |", "|---|---|---|"]
+    for k, v in report["timings_s"].items():
+        lines.append(f"| {k} | {v} | {report['peak_rss_mb'].get(k, report['peak_rss_mb']['overall'])} |")
+    lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in report["pictures"]]
+    return "\n".join(lines) + "\n"
+
+
+def _summary_text(report: Mapping[str, Any]) -> str:
+    parts = [f"total {report['timings_s']['total']:.0f} s, peak RSS {report['peak_rss_mb']['overall']:.0f} MB"]
+    for key, name in (("CFR_FT", "SAM alone"), ("final", "final 3D model")):
+        for set_name, r in report["metrics"][key].items():
+            f = _fg(r["summary"])
+            parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} mm")
+    q = report["pseudolabel"]["quality"]
+    if q:
+        parts.append(f"pseudo-labels: Dice {_fg(q['summary'])['dice']['mean']:.4f}")
+    return "\n".join(parts)
+
+
+def load_report(store: Store) -> dict[str, Any]:
+    return json.loads(store.get_bytes("report.json"))

@@ -1,0 +1,115 @@
+"""Pictures and summaries of a run: mid-slice overlays, loss curves, report.md.
+
+Uses matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+OVERLAY_COLORS = ("#00000000", "#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#64d2ff", "#ff9f0a")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _mid_slice(label: np.ndarray | None, depth: int) -> int:
+    """The slice (last axis) with the most foreground, else the middle one."""
+    if label is not None and label.any():
+        return int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(0)))
+    return depth // 2
+
+
+def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str, np.ndarray | None]],
+                title: str = "", z: int | None = None) -> Path:
+    """One row: the image, then the image with each label map (X, Y, Z arrays) drawn over it at slice ``z``.
+
+    Slices are shown with x down and y across, like a radiology viewer's transverse view of the LA data.
+    """
+    plt = _plt()
+    from matplotlib.colors import ListedColormap
+
+    ref = next((p for _, p in panels if p is not None), None)
+    z = _mid_slice(ref, image.shape[-1]) if z is None else z
+    img = image[:, :, z]
+    lo, hi = np.percentile(img, [1, 99])
+    n = 1 + len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), dpi=100)
+    axes[0].imshow(img, cmap="gray", vmin=lo, vmax=hi)
+    axes[0].set_title(f"image (z={z})", fontsize=9)
+    cmap = ListedColormap(OVERLAY_COLORS)
+    for ax, (name, lab) in zip(axes[1:], panels):
+        ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
+        if lab is not None:
+            sl = lab[:, :, z].astype(float)
+            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap=cmap, vmin=0, vmax=len(OVERLAY_COLORS) - 1,
+                      alpha=0.45, interpolation="nearest")
+            ax.set_title(name, fontsize=9)
+        else:
+            ax.set_title(f"{name}: n/a", fontsize=9)
+    for ax in axes:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def loss_curves_png(path: str | Path, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> Path:
+    """One panel per stage; each history is a list of {"step": int, <loss name>: float, ...}."""
+    plt = _plt()
+    items = [(k, h) for k, h in histories.items() if h]
+    n = max(1, len(items))
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.5), dpi=100, squeeze=False)
+    for ax, (stage, hist) in zip(axes[0], items):
+        steps = [r.get("step", i) for i, r in enumerate(hist)]
+        keys = [k for k in hist[-1] if k not in ("step", "lr", "time", "t") and isinstance(hist[-1][k], (int, float))]
+        for k in keys:
+            vals = np.array([r.get(k, math.nan) for r in hist], dtype=float)
+            win = max(1, len(vals) // 50)
+            if win > 1:  # moving average for readability
+                vals = np.convolve(np.nan_to_num(vals), np.ones(win) / win, mode="same")
+            ax.plot(steps, vals, label=k, lw=1)
+        ax.set_title(stage)
+        ax.set_xlabel("iteration")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def metrics_table_md(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """rows: name -> {"dice": {"mean", "std"}, ...} (a cfrseg.metrics summary of the foreground classes)."""
+    head = "| model | Dice | Jaccard | ASD (mm) | HD95 (mm) | cases |\n|---|---|---|---|---|---|\n"
+    out = []
+    for name, s in rows.items():
+        cells = []
+        for m in ("dice", "jaccard", "asd", "hd95"):
+            v = s.get(m, {})
+            cells.append(f"{_fmt(v.get('mean', math.nan))} ± {_fmt(v.get('std', math.nan))}" if v else "n/a")
+        out.append(f"| {name} | " + " | ".join(cells) + f" | {s.get('n', '')} |")
+    return head + "\n".join(out) + "\n"

@@ -1,0 +1,81 @@
+"""The whole CFR pipeline end to end with `cfrseg run` (tiny profile) on three small real LA crops."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cfrseg.cli import main
+from cfrseg.io import read_volume
+from tests.la_crops import write_cropped_la
+
+
+@pytest.fixture(scope="module")
+def crops(la_dir, la_ids, tmp_path_factory) -> Path:
+    return write_cropped_la(la_dir, la_ids[:3], tmp_path_factory.mktemp("la3"))
+
+
+@pytest.mark.la
+def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    # 3 cases: first labeled, last held out for evaluation, the middle one unlabeled
+    rc = main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
+               "--ssl", "mt", "--out", str(out)])
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["dataset"] == {"name": rep["dataset"]["name"], "num_classes": 2, "labeled": 1, "unlabeled": 1,
+                              "test": {"holdout": 1}}
+    assert rep["finetune"]["iterations"] == 4 and rep["retrain"]["iterations"] == 6
+    for key in ("CFR_FT", "final"):
+        s = rep["metrics"][key]["holdout"]["summary"]
+        assert s["n_cases"] == 1 and 0.0 <= s["metrics"]["dice"]["mean"][0] <= 1.0
+    for f in ("report.md", "loss_curves.png", "retrain/model.pt", "finetune/finetune.pt"):
+        assert (out / f).is_file(), f
+    assert list((out / "overlays").glob("*.png"))
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the pseudo-label of the unlabeled case is in that case's source geometry
+    cid = sorted(p.name[:-7] for p in (crops / "images").glob("*.nii.gz"))[1]
+    pl, src = read_volume(out / "pseudolabel/labels" / f"{cid}.nii.gz"), read_volume(crops / "images" / f"{cid}.nii.gz")
+    assert pl.same_geometry(src)
+    # a second run resumes: every stage is found finished and nothing is trained again
+    ft_ck = (out / "finetune/checkpoint.pt").stat().st_mtime_ns
+    assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
+                 "--ssl", "mt", "--out", str(out), "--resume"]) == 0
+    assert (out / "finetune/checkpoint.pt").stat().st_mtime_ns == ft_ck
+
+
+@pytest.mark.la
+def test_segment_and_evaluate_commands(crops: Path, tmp_path: Path, capsys) -> None:
+    model_dir = tmp_path / "model"
+    assert main(["retrain", "--profile", "tiny", "--data", str(crops), "--labeled", "2", "--ssl", "none",
+                 "--out", str(model_dir)]) == 0
+    pred = tmp_path / "pred"
+    assert main(["segment", "--model", str(model_dir), "--input", str(crops / "images"),
+                 "--output", str(pred), "--device", "cpu"]) == 0
+    files = sorted(pred.glob("*.nii.gz"))
+    assert len(files) == 3
+    for f in files:
+        p, s = read_volume(f), read_volume(crops / "images" / f.name)
+        assert p.same_geometry(s) and set(np.unique(p.array)) <= {0, 1}
+    js = tmp_path / "m.json"
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(crops / "labels"), "--json", str(js)]) == 0
+    res = json.loads(js.read_text())
+    assert set(res["cases"]) == {f.name[:-7] for f in files}
+    assert res["summary"]["n_cases"] == 3
+    assert "dice" in capsys.readouterr().out
+
+
+def test_cli_bad_input_exits_2(tmp_path: Path, capsys) -> None:
+    assert main(["evaluate", "--pred", str(tmp_path / "nope"), "--gt", str(tmp_path)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["segment", "--model", str(tmp_path), "--input", "x", "--output", "y"]) == 2
+    assert "model file not found" in capsys.readouterr().err
+    assert main(["run", "--profile", "nosuch", "--data", str(tmp_path), "--labeled", "1", "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "unknown profile" in capsys.readouterr().err
+    assert main(["retrain", "--profile", "tiny", "--set", "retrain.iterations", "--data", str(tmp_path),
+                 "--labeled", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "STAGE.KEY=VALUE" in capsys.readouterr().err
