@@ -1,0 +1,344 @@
+"""The local stack without Docker: redis-server, an S3 server (nanio), the four gRPC services and a Celery worker
+as local processes on loopback ports, with logs under the stack folder.
+
+    cfrseg stack up [--dir .stack] [--ports gateway=50051,redis=16379,...] [--env K=V ...]
+    cfrseg stack status [--dir .stack]
+    cfrseg stack down [--dir .stack]
+
+``up`` writes ``DIR/stack.json`` (addresses, pids), ``DIR/token`` (the client token, mode 600) and logs in
+``DIR/logs/``; the processes keep running after the command returns. Tests use :class:`LocalStack` directly
+(same entry points: ``python -m services.<name>``, ``python -m services.orchestrator``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+SERVICES = ("finetune", "pseudolabel", "retrain", "gateway")
+NAMES = ("redis", "s3", *SERVICES, "worker")
+DEFAULT_PORTS = {"gateway": 50051, "finetune": 50052, "pseudolabel": 50053, "retrain": 50054,
+                 "redis": 16379, "s3": 19000}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def _exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise SystemExit(f"{name} not found: install it (scripts/setup.sh --services)")
+    return found
+
+
+def health_ok(addr: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(addr) as ch:
+        r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        return r.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@dataclass
+class LocalStack:
+    """A set of local processes. ``ports`` missing entries get free ports; secrets are generated."""
+
+    dir: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)          # extra environment for every service and worker
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    internal_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    s3_access_key: str = "cfrseg"
+    s3_secret_key: str = field(default_factory=lambda: secrets.token_hex(16))
+    bucket: str = "cfrseg"
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    detach: bool = False                                       # survive the parent (cfrseg stack up)
+
+    def __post_init__(self) -> None:
+        self.dir = Path(self.dir).absolute()
+        for n in ("redis", "s3", *SERVICES):
+            self.ports.setdefault(n, free_port())
+
+    # ---- addresses and environment ----
+    def addr(self, name: str) -> str:
+        return f"{HOST}:{self.ports[name]}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{HOST}:{self.ports['redis']}/0"
+
+    def service_env(self, name: str) -> dict[str, str]:
+        work = self.dir / "work" / name
+        work.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "CFRSEG_REDIS_URL": self.redis_url, "CFRSEG_S3_ENDPOINT": self.addr("s3"),
+            "CFRSEG_S3_ACCESS_KEY": self.s3_access_key, "CFRSEG_S3_SECRET_KEY": self.s3_secret_key,
+            "CFRSEG_S3_BUCKET": self.bucket, "CFRSEG_INTERNAL_TOKEN": self.internal_token,
+            "CFRSEG_WORKDIR": str(work), "CFRSEG_GRACE_S": "5", "PYTHONUNBUFFERED": "1",
+            **{f"CFRSEG_{s.upper()}_ADDR": self.addr(s) for s in ("finetune", "pseudolabel", "retrain")},
+        }
+        if name == "gateway":
+            env["CFRSEG_TOKEN"] = self.token
+        env.update(self.env)
+        return env
+
+    def log(self, name: str) -> Path:
+        return self.dir / "logs" / f"{name}.log"
+
+    # ---- processes ----
+    def _popen(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.log(name).parent.mkdir(parents=True, exist_ok=True)
+        out = self.log(name).open("ab")
+        p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, start_new_session=self.detach)
+        out.close()
+        self.procs[name] = p
+        return p
+
+    def start(self, name: str, timeout: float = 60.0) -> subprocess.Popen:
+        if name == "redis":
+            d = self.dir / "redis"
+            d.mkdir(parents=True, exist_ok=True)
+            p = self._popen(name, [_exe("redis-server"), "--bind", HOST, "--port", str(self.ports["redis"]),
+                                   "--save", "", "--appendonly", "no", "--dir", str(d)], dict(os.environ))
+            self._wait(name, lambda: self._redis_ping(), timeout)
+        elif name == "s3":
+            d = self.dir / "s3"
+            d.mkdir(parents=True, exist_ok=True)
+            env = {**os.environ, "NANIO_ACCESS_KEY": self.s3_access_key, "NANIO_SECRET_KEY": self.s3_secret_key}
+            p = self._popen(name, [_exe("nanio"), "serve", "--host", HOST, "--port", str(self.ports["s3"]),
+                                   "--data-dir", str(d), "--log-level", "warning", "--no-access-log"], env)
+            self._wait(name, lambda: port_open(self.ports["s3"]), timeout)
+        elif name == "worker":
+            start = self.log(name).stat().st_size if self.log(name).exists() else 0
+            p = self._popen(name, [sys.executable, "-m", "services.orchestrator"], self.service_env(name))
+            self._wait(name, lambda: b" ready." in self.log(name).read_bytes()[start:], timeout)
+        elif name in SERVICES:
+            p = self._popen(name, [sys.executable, "-m", f"services.{name}", "--host", HOST,
+                                   "--port", str(self.ports[name])], self.service_env(name))
+            self._wait(name, lambda: health_ok(self.addr(name)), timeout)
+        else:
+            raise ValueError(f"unknown process {name!r}; one of {NAMES}")
+        return p
+
+    def _redis_ping(self) -> bool:
+        import redis
+
+        return bool(redis.Redis(host=HOST, port=self.ports["redis"], socket_timeout=1).ping())
+
+    def _wait(self, name: str, check: Callable[[], bool], timeout: float) -> None:
+        p = self.procs[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise RuntimeError(f"{name} exited with {p.returncode} while starting; log {self.log(name)}:\n"
+                                   f"{self.tail(name)}")
+            try:
+                if check():
+                    return
+            except Exception:  # noqa: BLE001  (not up yet)
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} not ready after {timeout:.0f} s; log {self.log(name)}:\n{self.tail(name)}")
+
+    def tail(self, name: str, n: int = 3000) -> str:
+        p = self.log(name)
+        return p.read_text(errors="replace")[-n:] if p.exists() else ""
+
+    def up(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            for name in NAMES:
+                self.start(name)
+        except BaseException:
+            self.down()
+            raise
+
+    def kill(self, name: str) -> None:
+        """kill -9: no cleanup at all, like a crash (the worker: its whole process group, pool child included)."""
+        p = self.procs.get(name)
+        if p is None or p.poll() is not None:
+            return
+        if name == "worker":
+            for child in _children(p.pid):
+                _signal(child, signal.SIGKILL)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        p = self.procs.get(name)
+        if p is None or p.poll() is not None:
+            return
+        p.terminate()
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill(name)
+
+    def down(self) -> None:
+        for name in reversed(NAMES):
+            self.stop(name)
+
+    # ---- the state file of `cfrseg stack up` ----
+    def state(self) -> dict:
+        return {"dir": str(self.dir), "ports": self.ports, "gateway": self.addr("gateway"),
+                "pids": {n: p.pid for n, p in self.procs.items()}, "bucket": self.bucket,
+                "s3_endpoint": self.addr("s3"), "redis_url": self.redis_url}
+
+    def save(self) -> None:
+        (self.dir / "stack.json").write_text(json.dumps(self.state(), indent=2))
+        for fname, value in (("token", self.token), ("internal_token", self.internal_token),
+                             ("s3_secret_key", self.s3_secret_key)):
+            f = self.dir / fname
+            f.write_text(value + "\n")
+            f.chmod(0o600)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    except FileNotFoundError:
+        return []
+    return [int(x) for x in out.split()]
+
+
+def _signal(pid: int, sig: int) -> bool:
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def _parse_ports(text: str) -> dict[str, int]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, val = item.partition("=")
+        if name not in DEFAULT_PORTS or not val.isdigit():
+            raise SystemExit(f"--ports: expected NAME=PORT with NAME in {sorted(DEFAULT_PORTS)}, got {item!r}")
+        out[name] = int(val)
+    return out
+
+
+def _load_state(d: Path) -> dict:
+    f = d / "stack.json"
+    if not f.is_file():
+        raise SystemExit(f"no stack in {d} (start one with: cfrseg stack up --dir {d})")
+    return json.loads(f.read_text())
+
+
+def cmd_up(a: argparse.Namespace) -> int:
+    d = Path(a.dir)
+    if (d / "stack.json").is_file():
+        st = json.loads((d / "stack.json").read_text())
+        if any(_alive(pid) for pid in st.get("pids", {}).values()):
+            print(f"a stack is already running from {d} (cfrseg stack status / down --dir {d})", file=sys.stderr)
+            return 1
+    ports = {**DEFAULT_PORTS, **_parse_ports(a.ports)} if not a.free_ports else _parse_ports(a.ports)
+    busy = [f"{n}={p}" for n, p in ports.items() if port_open(p)]
+    if busy:
+        print(f"port(s) in use: {', '.join(busy)}; choose others with --ports or --free-ports", file=sys.stderr)
+        return 1
+    env = dict(e.split("=", 1) for e in a.env)
+    stack = LocalStack(d, ports=ports, env=env, detach=True)
+    t0 = time.monotonic()
+    stack.up()
+    stack.save()
+    print(f"stack up in {time.monotonic() - t0:.1f} s: gateway {stack.addr('gateway')}, logs in {d / 'logs'}")
+    print(f"token in {d / 'token'}; try: cfrseg client --stack-dir {d} list")
+    return 0
+
+
+def cmd_down(a: argparse.Namespace) -> int:
+    d = Path(a.dir)
+    st = _load_state(d)
+    pids = st.get("pids", {})
+    for name in reversed(NAMES):
+        pid = pids.get(name)
+        if pid and _alive(pid):
+            _signal(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 15
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if _alive(pid):
+                for c in _children(pid):
+                    _signal(c, signal.SIGKILL)
+                _signal(pid, signal.SIGKILL)
+            print(f"stopped {name} (pid {pid})")
+    st["pids"] = {}
+    (d / "stack.json").write_text(json.dumps(st, indent=2))
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    st = _load_state(Path(a.dir))
+    ok = True
+    for name in NAMES:
+        pid = st.get("pids", {}).get(name)
+        alive = bool(pid) and _alive(pid)
+        port = st["ports"].get(name)
+        extra = ""
+        if alive and name in SERVICES:
+            try:
+                extra = "SERVING" if health_ok(f"{HOST}:{port}") else "NOT_SERVING"
+            except Exception:  # noqa: BLE001
+                extra = "no answer"
+        ok &= alive
+        print(f"{name:12s} {'up' if alive else 'down':5s} pid {pid or '-':<8} "
+              f"{f'{HOST}:{port}' if port else '':22s} {extra}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="cfrseg stack", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name, fn, helptext in (("up", cmd_up, "start the stack"), ("down", cmd_down, "stop it"),
+                               ("status", cmd_status, "show its processes")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--dir", default=".stack", help="state, logs and data folder (default .stack)")
+        if name == "up":
+            p.add_argument("--ports", default="", help="NAME=PORT,... for gateway, finetune, pseudolabel, "
+                                                       f"retrain, redis, s3 (defaults {DEFAULT_PORTS})")
+            p.add_argument("--free-ports", action="store_true", help="pick free ports for those not given")
+            p.add_argument("--env", action="append", default=[], metavar="K=V",
+                           help="extra environment for the services and worker (e.g. CFRSEG_DEVICE=cpu)")
+        p.set_defaults(func=fn)
+    a = ap.parse_args(argv)
+    return int(a.func(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
