@@ -109,6 +109,19 @@ def test_method_interface(name):
     assert out_u.grad is not None and torch.isfinite(d["loss"])
 
 
+def test_consistency_on_labeled_covers_all_crops():
+    seen = []
+
+    def tfn(x, noise=True, stochastic=False):
+        seen.append(x.shape[0])
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+    for on, n in ((False, 2), (True, 3)):
+        m = build_method("mt", SSLParams(iterations=10, consistency_on_labeled=on))
+        m.loss(torch.randn(1, 2, 8, 8, 8), torch.randn(2, 2, 8, 8, 8), tfn, _batch(), 0)
+        assert seen[-1] == n
+
+
 def test_pl_weight_follows_ramp():
     m = build_method("none", SSLParams(iterations=100, pl_weight=0.5, pl_ramp="sigmoid", pl_rampup=0.5))
     assert m.pl_weight(0) == pytest.approx(0.5 * math.exp(-5))

@@ -617,7 +617,7 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
         net, meta = load_model(model, device=device)
     else:
         net, meta = load_model(model.get_bytes(MODEL), device=device)
-    icfg = InferConfig.from_dict(dict(meta.get("infer", {}), **dict(infer or {}), device=device))
+    icfg = InferConfig.from_dict({**dict(meta.get("infer", {})), "device": device, **dict(infer or {})})
     out_dir = Path(predictions) if predictions is not None else None
     results: dict[str, dict[str, list[float]]] = {}
     for i, case in enumerate(todo):
