@@ -104,8 +104,9 @@ def to_run(rec: Record) -> gateway_pb2.Run:
         labeled_case_ids=rec.get("labeled_case_ids", []), unlabeled_case_ids=rec.get("unlabeled_case_ids", []))
 
 
-def to_event(rec: Record) -> gateway_pb2.RunEvent:
-    stage = rec.get("stage") or STAGES[0]
+def to_event(rec: Record, stage: str = "") -> gateway_pb2.RunEvent:
+    """The run's state with the progress of ``stage`` (default: the current stage)."""
+    stage = stage or rec.get("stage") or STAGES[0]
     st = rec["stages"].get(stage, {})
     prog = common_pb2.ProgressEvent(
         run_id=rec["run_id"], stage=stage, step=int(st.get("step", 0)), total=int(st.get("total", 0)),

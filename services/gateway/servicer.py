@@ -66,11 +66,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         rec = self.runs.get(request.run_id)
         yield to_event(rec)
         last = (rec.get("seq"), rec["state"])
+        stage = rec.get("stage", "")
         while rec["state"] not in FINAL_STATES and context.is_active():
             time.sleep(WATCH_POLL_S)
             rec = self.runs.get(request.run_id)
             if (rec.get("seq"), rec["state"]) != last:
                 last = (rec.get("seq"), rec["state"])
+                if rec.get("stage") != stage and stage in rec["stages"]:
+                    yield to_event(rec, stage)  # how the previous stage ended
+                stage = rec.get("stage", "")
                 yield to_event(rec)
 
     @unary

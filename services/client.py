@@ -1,0 +1,248 @@
+"""``cfrseg client``: a command-line client of the gateway (on :mod:`services.sdk`).
+
+    cfrseg client [--address A] [--token T | --token-file F] [--tls-ca CA] [--stack-dir .stack] COMMAND ...
+
+Address and token default to $CFRSEG_ADDRESS / $CFRSEG_TOKEN, else the local stack's ``stack.json``/``token``.
+Commands: upload-dataset, submit, watch, get, list, cancel, models, artifacts, fetch, segment.
+Exit status: 0 ok, 1 the run ended FAILED/CANCELLED (watch/submit --watch), 2 an error (printed as
+``error: CODE: message``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.sdk import FINAL, Client, state_name
+
+FETCH = ("retrain/model.pt", "retrain/config.json", "report.md", "evaluate/metrics.json")
+
+
+def _connect(a: argparse.Namespace) -> Client:
+    d = Path(a.stack_dir)
+    address = a.address or os.environ.get("CFRSEG_ADDRESS", "")
+    token = a.token or os.environ.get("CFRSEG_TOKEN", "")
+    if a.token_file:
+        token = Path(a.token_file).read_text().strip()
+    if not address and (d / "stack.json").is_file():
+        address = json.loads((d / "stack.json").read_text())["gateway"]
+    if not token and (d / "token").is_file():
+        token = (d / "token").read_text().strip()
+    if not address or not token:
+        raise SystemExit("error: no gateway address/token: pass --address and --token (or --token-file), set "
+                         "CFRSEG_ADDRESS/CFRSEG_TOKEN, or start a local stack (cfrseg stack up)")
+    return Client(address, token, a.tls_ca or None)
+
+
+def _run_line(r: Any) -> str:
+    st = next((s for s in r.stages if s.stage == r.stage), None)
+    prog = f" {st.step}/{st.total}" if st is not None and st.total else ""
+    metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(r.metrics.items()))
+    return f"{r.run_id}  {state_name(r.state):10s} {r.stage}{prog}  {r.profile}/{r.ssl_method}  {metrics}".rstrip()
+
+
+def _watch(c: Client, run_id: str, quiet: bool = False) -> int:
+    from tqdm import tqdm
+
+    bar = None
+    stage = ""
+    last = None
+    for ev in c.watch_run(run_id):
+        last = ev
+        p = ev.progress
+        if quiet:
+            continue
+        if p.stage != stage:
+            if bar is not None:
+                bar.close()
+            stage = p.stage
+            bar = tqdm(total=p.total or None, desc=stage, unit="step", dynamic_ncols=True)
+        if bar is not None:
+            if p.total and bar.total != p.total:
+                bar.total = p.total
+            bar.n = p.step
+            post = {k: f"{v:.3g}" for k, v in sorted(p.losses.items())}
+            if p.HasField("eta_s"):
+                post["eta"] = f"{p.eta_s:.0f}s"
+            bar.set_postfix(post, refresh=False)
+            bar.refresh()
+    if bar is not None:
+        bar.close()
+    r = c.get_run(run_id)
+    print(_run_line(r))
+    if r.error.code:
+        print(f"error: {r.error.code}: {r.error.message}", file=sys.stderr)
+    return 0 if r.state == FINAL[0] else 1
+
+
+def cmd_upload_dataset(c: Client, a: argparse.Namespace) -> int:
+    labeled: Any = a.labeled
+    if labeled is not None and not labeled.isdigit():
+        labeled = [x for x in labeled.split(",") if x]
+    elif labeled is not None:
+        labeled = int(labeled)
+    ds = c.create_dataset(a.folder, name=a.name, num_classes=a.num_classes, labeled=labeled, holdout=a.holdout,
+                          test=[x for x in a.test.split(",") if x])
+    print(f"dataset {ds.dataset_id}: {ds.num_labeled} labeled, {ds.num_unlabeled} unlabeled, {ds.num_test} test "
+          f"({ds.num_classes} classes)")
+    return 0
+
+
+def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"error: --set wants STAGE.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(val)
+        except json.JSONDecodeError:
+            value = val
+        out.setdefault(stage, {})[name] = value
+    return out
+
+
+def cmd_submit(c: Client, a: argparse.Namespace) -> int:
+    r = c.submit_run(a.dataset, profile=a.profile, ssl_method=a.ssl, name=a.name,
+                     labeled=[x for x in a.labeled.split(",") if x],
+                     unlabeled=[x for x in a.unlabeled.split(",") if x], overrides=_overrides(a.set),
+                     request_id=a.request_id or None)
+    print(_run_line(r))
+    return _watch(c, r.run_id) if a.watch else 0
+
+
+def cmd_watch(c: Client, a: argparse.Namespace) -> int:
+    return _watch(c, a.run_id, a.quiet)
+
+
+def cmd_get(c: Client, a: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    print(json.dumps(json_format.MessageToDict(c.get_run(a.run_id), preserving_proto_field_name=True), indent=2))
+    return 0
+
+
+def cmd_list(c: Client, a: argparse.Namespace) -> int:
+    for r in c.list_runs(state=a.state, dataset_id=a.dataset):
+        print(_run_line(r))
+    return 0
+
+
+def cmd_cancel(c: Client, a: argparse.Namespace) -> int:
+    print(_run_line(c.cancel_run(a.run_id)))
+    return 0
+
+
+def cmd_models(c: Client, a: argparse.Namespace) -> int:
+    for m in c.list_models():
+        metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.metrics.items()))
+        print(f"{m.model_id}  {m.network}  {m.num_classes} classes  {m.ssl_method}  {metrics}".rstrip())
+    return 0
+
+
+def cmd_artifacts(c: Client, a: argparse.Namespace) -> int:
+    for ref in c.list_artifacts(a.run_id):
+        print(f"{ref.size:>12d}  {ref.key}")
+    return 0
+
+
+def cmd_fetch(c: Client, a: argparse.Namespace) -> int:
+    out = Path(a.out or a.run_id)
+    names = a.name or list(FETCH)
+    for name in names:
+        try:
+            p = c.download_artifact(a.run_id, name, out / name)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.NOT_FOUND and not a.name:
+                continue  # optional parts (e.g. no test cases: no metrics.json)
+            raise
+        print(f"{name} -> {p}")
+    return 0
+
+
+def cmd_segment(c: Client, a: argparse.Namespace) -> int:
+    res = c.segment_file(a.model, a.input, a.output)
+    print(f"{a.output}: {res.num_classes} classes, {res.seconds:.1f} s (stored as {res.label.key})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cfrseg client", description="gRPC client of the cfrseg gateway")
+    ap.add_argument("--address", default="", help="gateway host:port (default $CFRSEG_ADDRESS or the local stack)")
+    ap.add_argument("--token", default="", help="bearer token (default $CFRSEG_TOKEN or the local stack's)")
+    ap.add_argument("--token-file", default="", help="file holding the token")
+    ap.add_argument("--tls-ca", default=os.environ.get("CFRSEG_TLS_CA", ""), help="CA bundle (PEM) for TLS")
+    ap.add_argument("--stack-dir", default=".stack", help="local stack folder (default .stack)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("upload-dataset", help="upload a dataset folder (images/ + labels/, nnU-Net, ...)")
+    p.add_argument("folder")
+    p.add_argument("--name", default=None)
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--labeled", default=None, help="number of labeled cases, or comma-separated case ids")
+    p.add_argument("--holdout", type=int, default=0, help="hold out the last N cases as test cases")
+    p.add_argument("--test", default="", help="comma-separated case ids to use as test cases")
+    p.set_defaults(func=cmd_upload_dataset)
+
+    p = sub.add_parser("submit", help="submit a run")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--profile", default="tiny", help="tiny | lite | paper (default tiny)")
+    p.add_argument("--ssl", default="mt", help="none | mt | st | uamt | acmt (default mt)")
+    p.add_argument("--labeled", default="", help="comma-separated labeled case ids (default all)")
+    p.add_argument("--unlabeled", default="", help="comma-separated unlabeled case ids (default all)")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
+    p.add_argument("--name", default="")
+    p.add_argument("--request-id", default="", help="idempotency key (default: a fresh one)")
+    p.add_argument("--watch", action="store_true", help="then watch it until it ends")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("watch", help="watch a run with progress bars until it ends")
+    p.add_argument("run_id")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_watch)
+    for name, fn, helptext in (("get", cmd_get, "a run as JSON"), ("cancel", cmd_cancel, "cancel a run"),
+                               ("artifacts", cmd_artifacts, "list a run's artifacts")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("run_id")
+        p.set_defaults(func=fn)
+    p = sub.add_parser("list", help="list runs")
+    p.add_argument("--state", default="")
+    p.add_argument("--dataset", default="")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("models", help="list trained models")
+    p.set_defaults(func=cmd_models)
+    p = sub.add_parser("fetch", help="download the model and report of a run")
+    p.add_argument("run_id")
+    p.add_argument("--out", default="", help="folder (default ./<run_id>)")
+    p.add_argument("--name", action="append", default=[], help=f"artifact to fetch (default {list(FETCH)})")
+    p.set_defaults(func=cmd_fetch)
+    p = sub.add_parser("segment", help="segment a volume file with a run's model")
+    p.add_argument("--model", required=True, help="model id (= the run id)")
+    p.add_argument("input")
+    p.add_argument("output")
+    p.set_defaults(func=cmd_segment)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        with _connect(a) as c:
+            return int(a.func(c, a))
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Helpers of the stack tests: small synthetic datasets, the local stack with the fake stage double, waiting."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+from cfrseg.io import write_volume
+from cfrseg.volume import Volume
+
+FAKE_ENV = {"CFRSEG_STAGE_IMPL": "tests.fake_stages:run", "CFRSEG_SEGMENT_IMPL": "tests.fake_stages:segment"}
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def need_servers() -> None:
+    from services.stack import _exe
+
+    for exe in ("redis-server", "nanio"):
+        try:
+            _exe(exe)
+        except SystemExit:
+            pytest.skip(f"{exe} not installed (scripts/setup.sh --services)")
+
+
+def volume(shape=(24, 24, 16), seed: int = 0, spacing=(1.0, 1.0, 1.0)) -> Volume:
+    a = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    return Volume(a, spacing, (0.0, 0.0, 0.0), IDENTITY)
+
+
+def label_of(v: Volume, value: int = 1) -> Volume:
+    lab = np.zeros(v.shape, np.uint8)
+    x, y, z = (s // 3 for s in v.shape)
+    lab[x:2 * x, y:2 * y, z:2 * z] = value
+    return v.with_array(lab)
+
+
+def make_dataset(root: Path, n: int = 3, shape=(24, 24, 16)) -> Path:
+    """``root/images/c{i}.nii.gz`` + ``root/labels/c{i}.nii.gz`` (n cases, all labeled)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        v = volume(shape, seed=i)
+        write_volume(v, root / "images" / f"c{i}.nii.gz")
+        write_volume(label_of(v), root / "labels" / f"c{i}.nii.gz", label=True)
+    return root
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str, period: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = check()
+        if r:
+            return r
+        time.sleep(period)
+    raise TimeoutError(f"{what}: not within {timeout:.0f} s")
+
+
+def start_stack(d: Path, env: dict[str, str] | None = None):
+    from services.stack import LocalStack
+
+    need_servers()
+    st = LocalStack(d, env={**FAKE_ENV, **(env or {})})
+    st.up()
+    return st
+
+
+def dump_logs(st) -> str:
+    return "\n".join(f"----- {n}\n{st.tail(n, 4000)}" for n in ("gateway", "worker", "finetune", "pseudolabel",
+                                                               "retrain"))
+
+
+def cleanup(d: Path) -> None:
+    shutil.rmtree(d, ignore_errors=True)
