@@ -446,10 +446,13 @@ def plot_losses(history: list[dict[str, float]]) -> bytes:
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     steps = [h["step"] for h in history]
+    win = max(1, len(history) // 100)   # long runs: moving average over 1 % of the run
     for key in ("loss", "sup", "cons", "pl"):
-        ys = [h.get(key, math.nan) for h in history]
-        if any(not math.isnan(y) for y in ys):
-            ax.plot(steps, ys, label=key, linewidth=0.8)
+        ys = np.array([h.get(key, math.nan) for h in history], dtype=float)
+        if not np.isnan(ys).all():
+            if win > 1:
+                ys = np.convolve(np.nan_to_num(ys), np.ones(win) / win, mode="same")
+            ax.plot(steps, ys, label=key if win == 1 else f"{key} (mean of {win})", linewidth=0.8)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title("re-training losses")
