@@ -24,7 +24,6 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from _common import Timer, format_rows, peak_rss_mb, write_json
 
 from cfrseg.infer import sliding_window, window_grid, zscore
@@ -32,7 +31,7 @@ from cfrseg.models import VNet
 
 
 def reference_style(net: torch.nn.Module, image: np.ndarray, patch, stride, num_classes: int) -> np.ndarray:
-    """The reference test_single_case loop (autograd on, numpy accumulation); returns probabilities (K, X, Y, Z)."""
+    """The reference test_single_case loop (autograd on, numpy sums); returns probabilities (K, X, Y, Z)."""
     w, h, d = image.shape
     w_pad, h_pad, d_pad = (max(p - s, 0) for p, s in zip(patch, (w, h, d)))
     add_pad = w_pad > 0 or h_pad > 0 or d_pad > 0
@@ -65,7 +64,7 @@ def reference_style(net: torch.nn.Module, image: np.ndarray, patch, stride, num_
 
 
 def crop_to_windows(image: np.ndarray, patch, stride, max_windows: int | None) -> np.ndarray:
-    """Centre-crop so the window grid has at most ``max_windows`` windows (drop windows on the longest axis)."""
+    """Centre-crop so the grid has at most ``max_windows`` windows (dropping windows on the longest axis)."""
     if not max_windows:
         return image
     n = [math.ceil((max(s, p) - p) / st) + 1 for s, p, st in zip(image.shape, patch, stride)]
@@ -83,71 +82,146 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--data", default=os.environ.get("CFRSEG_LA_DIR"), help="la2018 folder (default $CFRSEG_LA_DIR)")
+    ap.add_argument(
+        "--data", default=os.environ.get("CFRSEG_LA_DIR"), help="la2018 folder (default $CFRSEG_LA_DIR)"
+    )
     ap.add_argument("--case", default=None, help="case id (default: first of train.list)")
     ap.add_argument("--patch", type=int, nargs=3, default=(112, 112, 80))
     ap.add_argument("--stride", type=int, nargs=3, default=(18, 18, 4))
-    ap.add_argument("--alt-stride", type=int, nargs=3, default=(28, 28, 8), help="larger stride for comparison")
+    ap.add_argument(
+        "--alt-stride", type=int, nargs=3, default=(28, 28, 8), help="larger stride for comparison"
+    )
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-windows", type=int, default=None)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="time each method this many times, alternating the order (ref, cfrseg, cfrseg, ref, ...), "
+        "and report the fastest run of each (the CPU is shared)",
+    )
     ap.add_argument("--name", default="infer_speed", help="results file name (bench/results/<name>.json)")
     args = ap.parse_args(argv)
     if not args.data or not (Path(args.data) / "train.list").is_file():
-        print("error: give --data or set CFRSEG_LA_DIR to the la2018 folder (with train.list)", file=sys.stderr)
+        print(
+            "error: give --data or set CFRSEG_LA_DIR to the la2018 folder (with train.list)", file=sys.stderr
+        )
         return 2
     torch.set_num_threads(args.threads)
     data = Path(args.data)
     case = args.case or (data / "train.list").read_text().split()[0]
     with h5py.File(data / case / "mri_norm2.h5", "r") as f:
         raw = np.asarray(f["image"], dtype=np.float32)
-    image = crop_to_windows(zscore(raw), args.patch, args.stride, args.max_windows)  # z-scored as the reference
+    image = crop_to_windows(
+        zscore(raw), args.patch, args.stride, args.max_windows
+    )  # z-scored as the reference
     patch, stride, alt = tuple(args.patch), tuple(args.stride), tuple(args.alt_stride)
 
     torch.manual_seed(args.seed)
     net = VNet(in_channels=1, num_classes=2, n_filters=16).eval()
     n_win = len(window_grid([max(s, p) for s, p in zip(image.shape, patch)], patch, stride))
     n_alt = len(window_grid([max(s, p) for s, p in zip(image.shape, patch)], patch, alt))
-    print(f"case {case}: volume {raw.shape}, benchmarked {image.shape}, {n_win} windows at stride {stride}, "
-          f"{n_alt} at {alt}; {torch.get_num_threads()} threads")
+    print(
+        f"case {case}: volume {raw.shape}, benchmarked {image.shape}, {n_win} windows at stride {stride}, "
+        f"{n_alt} at {alt}; {torch.get_num_threads()} threads"
+    )
+
+    def run_fast(st):
+        return sliding_window(net, image, patch, st, 2, batch_size=args.batch_size).cpu().numpy()
 
     rss0 = peak_rss_mb()
-    with Timer() as t_fast:
-        p_fast = sliding_window(net, image, patch, stride, 2, batch_size=args.batch_size).cpu().numpy()
-    rss_fast = peak_rss_mb()
-    with Timer() as t_ref:
-        p_ref = reference_style(net, image, patch, stride, 2)
-    rss_ref = peak_rss_mb()
-    with Timer() as t_alt:
-        p_alt = sliding_window(net, image, patch, alt, 2, batch_size=args.batch_size).cpu().numpy()
+    times: dict[str, list[float]] = {"ref": [], "fast": [], "alt": []}
+    rss: dict[str, float] = {}
+    for rep in range(max(1, args.repeats)):
+        order = ("fast", "ref") if rep % 2 == 0 else ("ref", "fast")
+        for which in order:
+            with Timer() as t:
+                if which == "fast":
+                    p_fast = run_fast(stride)
+                else:
+                    p_ref = reference_style(net, image, patch, stride, 2)
+            times[which].append(t.seconds)
+            rss.setdefault(which, peak_rss_mb())
+        with Timer() as t:
+            p_alt = run_fast(alt)
+        times["alt"].append(t.seconds)
+    t_ref, t_fast, t_alt = (min(times[k]) for k in ("ref", "fast", "alt"))
+    rss_fast, rss_ref = rss["fast"], rss["ref"]
 
     lab_ref, lab_fast, lab_alt = (p.argmax(0) == 1 for p in (p_ref, p_fast, p_alt))
     rows = [
-        {"method": "reference-style loop", "stride": stride, "windows": n_win, "seconds": t_ref.seconds,
-         "speedup": 1.0, "dice_vs_reference": 1.0, "max_abs_prob_diff": 0.0},
-        {"method": f"cfrseg sliding_window (batch {args.batch_size})", "stride": stride, "windows": n_win,
-         "seconds": t_fast.seconds, "speedup": t_ref.seconds / t_fast.seconds,
-         "dice_vs_reference": dice(lab_fast, lab_ref), "max_abs_prob_diff": float(np.abs(p_fast - p_ref).max())},
-        {"method": f"cfrseg sliding_window (batch {args.batch_size})", "stride": alt, "windows": n_alt,
-         "seconds": t_alt.seconds, "speedup": t_ref.seconds / t_alt.seconds,
-         "dice_vs_reference": dice(lab_alt, lab_ref), "max_abs_prob_diff": float(np.abs(p_alt - p_ref).max())},
+        {
+            "method": "reference-style loop",
+            "stride": stride,
+            "windows": n_win,
+            "seconds": t_ref,
+            "all_seconds": times["ref"],
+            "speedup": 1.0,
+            "dice_vs_reference": 1.0,
+            "max_abs_prob_diff": 0.0,
+        },
+        {
+            "method": f"cfrseg sliding_window (batch {args.batch_size})",
+            "stride": stride,
+            "windows": n_win,
+            "seconds": t_fast,
+            "all_seconds": times["fast"],
+            "speedup": t_ref / t_fast,
+            "dice_vs_reference": dice(lab_fast, lab_ref),
+            "max_abs_prob_diff": float(np.abs(p_fast - p_ref).max()),
+        },
+        {
+            "method": f"cfrseg sliding_window (batch {args.batch_size})",
+            "stride": alt,
+            "windows": n_alt,
+            "seconds": t_alt,
+            "all_seconds": times["alt"],
+            "speedup": t_ref / t_alt,
+            "dice_vs_reference": dice(lab_alt, lab_ref),
+            "max_abs_prob_diff": float(np.abs(p_alt - p_ref).max()),
+        },
     ]
     table = [["method", "stride", "windows", "seconds", "s/window", "speed-up", "Dice vs ref", "max |dp|"]]
     for r in rows:
-        table.append([r["method"], "/".join(map(str, r["stride"])), str(r["windows"]), f"{r['seconds']:.1f}",
-                      f"{r['seconds'] / r['windows']:.2f}", f"{r['speedup']:.2f}x", f"{r['dice_vs_reference']:.5f}",
-                      f"{r['max_abs_prob_diff']:.1e}"])
+        table.append(
+            [
+                r["method"],
+                "/".join(map(str, r["stride"])),
+                str(r["windows"]),
+                f"{r['seconds']:.1f}",
+                f"{r['seconds'] / r['windows']:.2f}",
+                f"{r['speedup']:.2f}x",
+                f"{r['dice_vs_reference']:.5f}",
+                f"{r['max_abs_prob_diff']:.1e}",
+            ]
+        )
     print(format_rows(table))
-    print(f"foreground voxels (reference argmax): {int(lab_ref.sum())} of {lab_ref.size}; peak RSS MiB: "
-          f"start {rss0:.0f}, after cfrseg {rss_fast:.0f}, after reference-style {rss_ref:.0f}")
-    path = write_json(args.name, {
-        "case": case, "volume_shape": raw.shape, "benchmarked_shape": image.shape, "patch": patch,
-        "batch_size": args.batch_size, "seed": args.seed, "max_windows": args.max_windows, "rows": rows,
-        "foreground_voxels_reference": int(lab_ref.sum()),
-        "peak_rss_mb": {"start": rss0, "after_cfrseg": rss_fast, "after_reference_style": rss_ref},
-        "target": {"speedup": 5.0, "dice": 0.999},
-    })
+    if args.repeats > 1:
+        print("all runs (s): " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in times.items()))
+    print(
+        f"foreground voxels (reference argmax): {int(lab_ref.sum())} of {lab_ref.size}; peak RSS MiB "
+        f"(cumulative): start {rss0:.0f}, after first cfrseg run {rss_fast:.0f}, after first reference-style "
+        f"run {rss_ref:.0f}"
+    )
+    path = write_json(
+        args.name,
+        {
+            "case": case,
+            "volume_shape": raw.shape,
+            "benchmarked_shape": image.shape,
+            "patch": patch,
+            "batch_size": args.batch_size,
+            "seed": args.seed,
+            "max_windows": args.max_windows,
+            "repeats": args.repeats,
+            "rows": rows,
+            "foreground_voxels_reference": int(lab_ref.sum()),
+            "peak_rss_mb": {"start": rss0, "after_cfrseg": rss_fast, "after_reference_style": rss_ref},
+            "target": {"speedup": 5.0, "dice": 0.999},
+        },
+    )
     print(f"wrote {path}")
     return 0
 

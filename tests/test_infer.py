@@ -40,9 +40,11 @@ def reference_loop(net: nn.Module, image: np.ndarray, patch, stride, k: int) -> 
         x = min(stride[0] * i, img.shape[0] - patch[0])
         for j in range(n[1]):
             y = min(stride[1] * j, img.shape[1] - patch[1])
-            for l in range(n[2]):
-                z = min(stride[2] * l, img.shape[2] - patch[2])
-                t = torch.from_numpy(img[None, None, x : x + patch[0], y : y + patch[1], z : z + patch[2]].copy())
+            for k_ in range(n[2]):
+                z = min(stride[2] * k_, img.shape[2] - patch[2])
+                t = torch.from_numpy(
+                    img[None, None, x : x + patch[0], y : y + patch[1], z : z + patch[2]].copy()
+                )
                 p = torch.softmax(net(t), dim=1).detach().numpy()[0]
                 score[:, x : x + patch[0], y : y + patch[1], z : z + patch[2]] += p
                 cnt[x : x + patch[0], y : y + patch[1], z : z + patch[2]] += 1
@@ -132,7 +134,9 @@ def sphere_volume(shape=(48, 44, 30)) -> tuple[Volume, np.ndarray]:
     c = np.array(shape, np.float32)[:, None, None, None] / 2
     inside = (((g - c) / np.array([14, 12, 9], np.float32)[:, None, None, None]) ** 2).sum(0) <= 1
     img = np.where(inside, 300.0, 10.0).astype(np.float32)
-    vol = Volume(img, spacing=(0.7, 0.8, 2.5), origin=(-5.0, 3.0, 10.0), direction=(0, 1, 0, 1, 0, 0, 0, 0, -1))
+    vol = Volume(
+        img, spacing=(0.7, 0.8, 2.5), origin=(-5.0, 3.0, 10.0), direction=(0, 1, 0, 1, 0, 0, 0, 0, -1)
+    )
     return vol, inside
 
 
@@ -172,15 +176,28 @@ def test_save_load_round_trip(tmp_path) -> None:
     student, teacher = tiny(seed=1), tiny(seed=2)
     cfg = InferConfig(patch=(16, 16, 16), stride=(8, 8, 8))
     pre = {"zoom": (0.5, 0.5, 0.5), "normalize": "zscore"}
-    save_model(tmp_path / "model.pt", network="tiny", network_kwargs={"n_filters": 2}, num_classes=2,
-               student=student, teacher=teacher, evaluate="teacher", preprocess=pre, infer=cfg)
+    save_model(
+        tmp_path / "model.pt",
+        network="tiny",
+        network_kwargs={"n_filters": 2},
+        num_classes=2,
+        student=student,
+        teacher=teacher,
+        evaluate="teacher",
+        preprocess=pre,
+        infer=cfg,
+    )
     x = torch.randn(1, 1, 16, 16, 16)
     for source in (tmp_path, tmp_path / "model.pt", (tmp_path / "model.pt").read_bytes()):
         model, meta = load_model(source, "cpu")
         assert not model.training
         torch.testing.assert_close(model(x), teacher(x))
         assert meta["network"] == "tiny" and meta["evaluate"] == "teacher" and meta["num_classes"] == 2
-        assert InferConfig.from_dict(meta["infer"]) == cfg and tuple(meta["preprocess"]["zoom"]) == (0.5, 0.5, 0.5)
+        assert InferConfig.from_dict(meta["infer"]) == cfg and tuple(meta["preprocess"]["zoom"]) == (
+            0.5,
+            0.5,
+            0.5,
+        )
         assert "student" not in meta
     buf = io.BytesIO()
     save_model(buf, network="tiny", num_classes=2, student=student)  # no teacher: evaluates the student

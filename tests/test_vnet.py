@@ -33,7 +33,9 @@ def test_two_input_channels() -> None:
     assert VNet(in_channels=2, n_filters=2).eval()(torch.randn(1, 2, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 20, 16, 16), (1, 1, 16, 16, 8), (1, 2, 16, 16, 16), (1, 16, 16, 16)])
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 20, 16, 16), (1, 1, 16, 16, 8), (1, 2, 16, 16, 16), (1, 16, 16, 16)]
+)
 def test_bad_input_raises_value_error(shape: tuple[int, ...]) -> None:
     with pytest.raises(ValueError, match="VNet"):
         VNet(n_filters=2)(torch.randn(*shape))

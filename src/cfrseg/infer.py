@@ -32,12 +32,21 @@ Triple = tuple[int, int, int]
 MODEL_FILE = "model.pt"
 DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore"}
 NORMALIZE = ("zscore", "none")
-_ARTIFACT_KEYS = ("network", "network_kwargs", "num_classes", "student", "teacher", "evaluate", "preprocess", "infer")
+_ARTIFACT_KEYS = (
+    "network",
+    "network_kwargs",
+    "num_classes",
+    "student",
+    "teacher",
+    "evaluate",
+    "preprocess",
+    "infer",
+)
 
 
 @dataclass(frozen=True)
 class InferConfig(ConfigBase):
-    """Sliding-window settings. Defaults are the reference LA test settings (patch 112x112x80, stride 18/18/4)."""
+    """Sliding-window settings. Defaults = the reference LA test (patch 112x112x80, stride 18/18/4)."""
 
     patch: Triple = (112, 112, 80)
     stride: Triple = (18, 18, 4)
@@ -58,7 +67,10 @@ class InferConfig(ConfigBase):
             f"infer.stride {self.stride} must not exceed infer.patch {self.patch} (windows would leave gaps)",
         )
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "infer.batch_size must be >= 1")
-        require(isinstance(self.device, str) and bool(self.device), "infer.device must be 'auto', 'cpu', 'cuda'...")
+        require(
+            isinstance(self.device, str) and bool(self.device),
+            "infer.device must be 'auto', 'cpu', 'cuda'...",
+        )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -95,7 +107,7 @@ def pad_amounts(shape: Sequence[int], patch: Sequence[int]) -> list[tuple[int, i
 
 
 def gaussian_weights(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.Tensor:
-    """Importance map (X, Y, Z) of a window: a Gaussian centred in the patch with sigma = patch * 1/8 per axis,
+    """Importance map (X, Y, Z) of a window: a Gaussian centred in the patch, sigma = patch / 8 per axis,
     scaled to max 1, with no zero (values are clamped to the smallest positive one)."""
     axes = []
     for p in patch:
@@ -112,11 +124,15 @@ def gaussian_weights(patch: Sequence[int], sigma_scale: float = 0.125) -> torch.
 def _as_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
     t = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
     if not isinstance(t, torch.Tensor):
-        raise InputError(f"sliding_window: image must be a torch.Tensor or numpy array, got {type(image).__name__}")
+        raise InputError(
+            f"sliding_window: image must be a torch.Tensor or numpy array, got {type(image).__name__}"
+        )
     if t.dim() == 3:
         t = t[None]
     if t.dim() != 4:
-        raise InputError(f"sliding_window: image must be (C, X, Y, Z) or (X, Y, Z), got shape {tuple(t.shape)}")
+        raise InputError(
+            f"sliding_window: image must be (C, X, Y, Z) or (X, Y, Z), got shape {tuple(t.shape)}"
+        )
     return t.float()
 
 
@@ -145,9 +161,13 @@ def sliding_window(
     otherwise the model is moved there. The result stays on the compute device.
     """
     if len(patch) != 3 or len(stride) != 3 or min(*patch, *stride) < 1:
-        raise InputError(f"sliding_window: patch {tuple(patch)} and stride {tuple(stride)} must be 3 positive ints")
+        raise InputError(
+            f"sliding_window: patch {tuple(patch)} and stride {tuple(stride)} must be 3 positive ints"
+        )
     if any(s > p for s, p in zip(stride, patch)):
-        raise InputError(f"sliding_window: stride {tuple(stride)} exceeds patch {tuple(patch)}; windows would leave gaps")
+        raise InputError(
+            f"sliding_window: stride {tuple(stride)} exceeds patch {tuple(patch)}; windows would leave gaps"
+        )
     if batch_size < 1:
         raise InputError(f"sliding_window: batch_size must be >= 1, got {batch_size}")
     if device is None:
@@ -178,7 +198,9 @@ def sliding_window(
                 batch = torch.stack([img[:, x : x + px, y : y + py, z : z + pz] for x, y, z in chunk])
                 out = torch.softmax(_logits(model, batch).float(), dim=1)
                 if out.shape[1] != num_classes:
-                    raise InputError(f"sliding_window: model gives {out.shape[1]} classes, expected {num_classes}")
+                    raise InputError(
+                        f"sliding_window: model gives {out.shape[1]} classes, expected {num_classes}"
+                    )
                 for (x, y, z), p in zip(chunk, out):
                     probs[:, x : x + px, y : y + py, z : z + pz] += p * weight
                     norm[x : x + px, y : y + py, z : z + pz] += weight
@@ -240,7 +262,7 @@ def predict_probabilities(
     preprocess: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
 ) -> torch.Tensor:
-    """Probabilities (K, X, Y, Z) in the source grid of ``volume`` (on the compute device): normalise, resample
+    """Probabilities (K, X, Y, Z) in the source grid of ``volume``, on the compute device: normalise, resample
     by ``zoom``, sliding window, resample the probabilities back trilinearly to the source shape."""
     pre = check_preprocess(preprocess)
     if volume.array.ndim != 3:
@@ -323,7 +345,11 @@ def save_model(
         raise ConfigError(f"save_model: evaluate must be 'teacher' or 'student', got {evaluate!r}")
     if evaluate == "teacher" and teacher is None:
         raise ConfigError("save_model: evaluate='teacher' but no teacher weights were given")
-    infer_d = infer.to_dict() if isinstance(infer, InferConfig) else InferConfig.from_dict(dict(infer or {})).to_dict()
+    infer_d = (
+        infer.to_dict()
+        if isinstance(infer, InferConfig)
+        else InferConfig.from_dict(dict(infer or {})).to_dict()
+    )
     obj = {
         "network": network,
         "network_kwargs": dict(network_kwargs or {}),

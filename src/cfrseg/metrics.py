@@ -39,11 +39,13 @@ def _check(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], num_class
         raise InputError(f"metrics: num_classes counts the background and must be >= 2, got {num_classes}")
     for name, a in (("prediction", pred), ("ground truth", gt)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise InputError(f"metrics: {name} has labels outside 0..{num_classes - 1} ({a.min()}..{a.max()})")
+            raise InputError(
+                f"metrics: {name} has labels outside 0..{num_classes - 1} ({a.min()}..{a.max()})"
+            )
 
 
 def surface(mask: np.ndarray) -> np.ndarray:
-    """Boundary voxels of a boolean mask (X, Y, Z): the mask minus its connectivity-1 erosion (border = outside)."""
+    """Boundary voxels of a mask (X, Y, Z): the mask minus its connectivity-1 erosion (border = outside)."""
     return mask & ~ndimage.binary_erosion(mask, structure=_STRUCTURE, border_value=0)
 
 
@@ -54,7 +56,9 @@ def _crop_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, ...]:
     return tuple(slice(max(int(i.min()) - 1, 0), min(int(i.max()) + 2, n)) for i, n in zip(idx, a.shape))
 
 
-def surface_distances(a: np.ndarray, b: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(
+    a: np.ndarray, b: np.ndarray, spacing: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from every surface voxel of ``a`` to the surface of ``b``, and from ``b``'s to ``a``'s.
     Both masks must be non-empty."""
     box = _crop_box(a, b)
@@ -110,7 +114,8 @@ def summarize(cases: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any]:
 
     Returns ``{"n_cases": N, "classes": [1, ..], "metrics": {metric: {"mean": [..], "std": [..], "n": [..],
     "n_nan": [..], "class_mean": float}}}`` with per-class lists; std has ddof=1 (NaN with < 2 values), NaNs
-    are left out and counted, ``class_mean`` is the mean of the per-class means. Metrics in :data:`METRICS` order.
+    are left out and counted, ``class_mean`` is the mean of the per-class means.
+    Metrics in :data:`METRICS` order.
     """
     if not cases:
         raise InputError("metrics: nothing to summarize (no cases)")

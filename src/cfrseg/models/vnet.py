@@ -25,7 +25,7 @@ DIVISOR = 16  # four stride-2 downsamplings
 def _norm(kind: str, channels: int) -> nn.Module:
     """The normalisation layer after every convolution (``Identity`` for ``"none"``).
 
-    ``groupnorm`` uses ``gcd(16, channels)`` groups, i.e. 16 groups as in UA-MT whenever ``channels`` allows it.
+    ``groupnorm`` uses ``gcd(16, channels)`` groups, i.e. UA-MT's 16 whenever ``channels`` allows.
     """
     if kind == "batchnorm":
         return nn.BatchNorm3d(channels)
@@ -51,7 +51,9 @@ def conv_stage(n_convs: int, in_channels: int, out_channels: int, norm: str) -> 
 
 def down(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     """Halve every spatial size: Conv3d kernel 2 stride 2 -> norm -> ReLU."""
-    return nn.Sequential(*_unit(nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2), out_channels, norm))
+    return nn.Sequential(
+        *_unit(nn.Conv3d(in_channels, out_channels, kernel_size=2, stride=2), out_channels, norm)
+    )
 
 
 def up(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
@@ -61,7 +63,7 @@ def up(in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
 
 
 class VNet(nn.Module):
-    """3D V-Net (UA-MT/DTC flavour) mapping (B, in_channels, X, Y, Z) images to (B, num_classes, X, Y, Z) logits.
+    """3D V-Net (UA-MT/DTC flavour): images (B, in_channels, X, Y, Z) -> logits (B, num_classes, X, Y, Z).
 
     X, Y and Z must each be divisible by 16. ``num_classes`` counts the background. With ``has_dropout``,
     Dropout3d(0.5) is applied to the bottleneck features and to the last decoder features (train mode only).
@@ -77,7 +79,9 @@ class VNet(nn.Module):
     ) -> None:
         super().__init__()
         if normalization not in NORMALIZATIONS:
-            raise ConfigError(f"VNet: unknown normalization {normalization!r}; choose one of {list(NORMALIZATIONS)}")
+            raise ConfigError(
+                f"VNet: unknown normalization {normalization!r}; choose one of {list(NORMALIZATIONS)}"
+            )
         for name, v in (("in_channels", in_channels), ("num_classes", num_classes), ("n_filters", n_filters)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"VNet: {name} must be a positive integer, got {v!r}")
