@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import format_rows, peak_rss_mb, write_json  # noqa: E402
+from _common import format_rows, peak_rss_mb, write_json
 
 DEFAULT_ITERATIONS = 1500
 
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--work", a.work,
                "--one", ssl, "--one-json", str(j)]
         t0 = time.perf_counter()
-        r = subprocess.run(cmd)
+        r = subprocess.run(cmd, check=False)
         if r.returncode != 0:
             print(f"[{ssl}] failed with exit code {r.returncode}", flush=True)
             results.append({"method": ssl, "error": f"exit code {r.returncode}"})

@@ -49,7 +49,7 @@ def test_crop_pads_small_volumes():
     out = crop(vol, (-2, 0, -1), (8, 4, 6))
     assert out.shape == (8, 4, 6) and out.sum() == 64 and out[0].sum() == 0
     s = TwoStreamSampler(1, 0, 1, 0, seed=0)
-    aug, start = s.draw_crop((4, 20, 20), (8, 8, 8), augment=False)
+    _, start = s.draw_crop((4, 20, 20), (8, 8, 8), augment=False)
     assert start[0] == -2 and 0 <= start[1] <= 12
 
 

@@ -25,9 +25,10 @@ def _one_thread():
 
 
 def _cfg(**kw) -> RetrainConfig:
-    base = dict(network="tiny", network_kwargs={"has_dropout": True}, iterations=30, patch=(32, 32, 16),
-                zoom=(0.5, 0.5, 0.5), uamt_T=2, lr_schedule="constant", lr=0.02, seed=7,
-                infer={"patch": (32, 32, 16), "stride": (16, 16, 8), "batch_size": 8}, device="cpu")
+    base: dict = {"network": "tiny", "network_kwargs": {"has_dropout": True}, "iterations": 30,
+                  "patch": (32, 32, 16), "zoom": (0.5, 0.5, 0.5), "uamt_T": 2, "lr_schedule": "constant",
+                  "lr": 0.02, "seed": 7, "device": "cpu",
+                  "infer": {"patch": (32, 32, 16), "stride": (16, 16, 8), "batch_size": 8}}
     base.update(kw)
     return RetrainConfig(**base)
 

@@ -19,8 +19,9 @@ clamped Gaussian input noise, ``stochastic`` turns the teacher's dropout on (UA-
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
