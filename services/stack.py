@@ -184,10 +184,10 @@ class LocalStack:
         p = self.procs.get(name)
         if p is None or p.poll() is not None:
             return
-        if name == "worker":
-            for child in _children(p.pid):
-                _signal(child, signal.SIGKILL)
+        family = _descendants(p.pid) if name == "worker" else []  # supervisor, worker, pool child
         p.send_signal(signal.SIGKILL)
+        for pid in family:
+            _signal(pid, signal.SIGKILL)
         p.wait()
 
     def stop(self, name: str, timeout: float = 15.0) -> None:
@@ -225,6 +225,13 @@ def _children(pid: int) -> list[int]:
     except FileNotFoundError:
         return []
     return [int(x) for x in out.split()]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for c in _children(pid):
+        out += [c, *_descendants(c)]
+    return out
 
 
 def _signal(pid: int, sig: int) -> bool:
@@ -294,9 +301,10 @@ def cmd_down(a: argparse.Namespace) -> int:
             while _alive(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
             if _alive(pid):
-                for c in _children(pid):
-                    _signal(c, signal.SIGKILL)
+                family = _descendants(pid)
                 _signal(pid, signal.SIGKILL)
+                for c in family:
+                    _signal(c, signal.SIGKILL)
             print(f"stopped {name} (pid {pid})")
     st["pids"] = {}
     (d / "stack.json").write_text(json.dumps(st, indent=2))

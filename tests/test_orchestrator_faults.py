@@ -1,0 +1,105 @@
+"""Faults on a real local stack (fake stage double, slow enough to hit mid-stage): kill -9 of a stage service, of the
+worker, and a Redis restart. Each run must finish, no finished stage may run twice, and an interrupted stage must
+resume from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from services.sdk import Client, state_name
+from tests.stack_helpers import cleanup, dump_logs, make_dataset, start_stack, wait_until
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    st = start_stack(d / "stack", env={"CFRSEG_FAKE_STEPS": "8", "CFRSEG_FAKE_STEP_S": "0.4",
+                                       "CFRSEG_VISIBILITY_TIMEOUT_S": "10", "CFRSEG_WATCHDOG_S": "2",
+                                       "CFRSEG_STALE_S": "12"})
+    yield st
+    st.down()
+    cleanup(d / "stack")
+
+
+@pytest.fixture(scope="module")
+def client(stack):
+    with Client(stack.addr("gateway"), stack.token) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def dataset(client, tmp_path_factory):
+    return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
+                                 holdout=1, name="faults")
+
+
+def executions(client, run_id, stage, tmp_path) -> list[dict]:
+    p = client.download_artifact(run_id, f"{stage}/executions.json", tmp_path / f"{stage}.json")
+    return json.loads(p.read_text())
+
+
+def stage_step(client, run_id, stage) -> int:
+    r = client.get_run(run_id)
+    st = next(s for s in r.stages if s.stage == stage)
+    return st.step if r.stage == stage and st.total else -1
+
+
+def finish(client, stack, run_id, timeout=150):
+    try:
+        r = client.wait_run(run_id, timeout=timeout)
+    except Exception as e:  # noqa: BLE001
+        raise AssertionError(f"{e}\n{client.get_run(run_id)}\n{dump_logs(stack)}") from None
+    assert state_name(r.state) == "SUCCEEDED", f"{r}\n{dump_logs(stack)}"
+    return r
+
+
+def test_kill_stage_service_mid_stage(client, stack, dataset, tmp_path):
+    run = client.submit_run(dataset.dataset_id)
+    wait_until(lambda: stage_step(client, run.run_id, "pseudolabel") >= 2, 60, "pseudolabel at step 2")
+    stack.kill("pseudolabel")
+    time.sleep(1.0)
+    stack.start("pseudolabel")
+    finish(client, stack, run.run_id)
+    pl = executions(client, run.run_id, "pseudolabel", tmp_path)
+    assert len(pl) == 2 and pl[0]["start"] == 0 and pl[1]["start"] >= 2, pl  # resumed from its checkpoint
+    for stage in ("finetune", "retrain"):
+        assert len(executions(client, run.run_id, stage, tmp_path)) == 1  # finished stages never ran twice
+
+
+def test_kill_worker_redelivers_the_step(client, stack, dataset, tmp_path):
+    run = client.submit_run(dataset.dataset_id)
+    wait_until(lambda: stage_step(client, run.run_id, "finetune") >= 1, 60, "finetune running")
+    stack.kill("worker")
+    t0 = time.monotonic()
+    time.sleep(1.0)
+    stack.start("worker")
+    finish(client, stack, run.run_id)
+    assert time.monotonic() - t0 < 120
+    for stage in ("finetune", "pseudolabel", "retrain"):
+        assert len(executions(client, run.run_id, stage, tmp_path)) == 1
+
+
+def test_redis_restart_loses_no_run(client, stack, dataset, tmp_path):
+    before = {r.run_id: state_name(r.state) for r in client.list_runs()}
+    run = client.submit_run(dataset.dataset_id)
+    wait_until(lambda: stage_step(client, run.run_id, "finetune") >= 1, 60, "finetune running")
+    stack.kill("redis")
+    stack.start("redis")
+    assert stack._redis_ping() and not stack.procs["redis"].poll()
+    assert not any(k.startswith(b"cfrseg:rec:") for k in _redis_keys(stack))  # Redis really is empty
+    after = {r.run_id: state_name(r.state) for r in client.list_runs()}
+    assert {k: after[k] for k in before} == before  # every record came back from the object store
+    finish(client, stack, run.run_id, timeout=180)
+    for stage in ("finetune", "pseudolabel", "retrain"):
+        assert len(executions(client, run.run_id, stage, tmp_path)) == 1
+
+
+def _redis_keys(stack) -> list[bytes]:
+    import redis
+
+    return list(redis.Redis(host="127.0.0.1", port=stack.ports["redis"]).keys("cfrseg:rec:*"))
