@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import format_rows, peak_rss_mb, write_json
 
-DEFAULT_ITERATIONS = 1500
+DEFAULT_ITERATIONS = 1200
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
