@@ -44,10 +44,10 @@ class FinetuneConfig(ConfigBase):
     checkpoint_sha256: str | None = None            # expected sha256 of the base checkpoint (checked if set)
     image_size: int = 256                           # model input side (256 LiteMedSAM, 1024 SAM ViT)
     # --- mosaic (see cfrseg.sam_data.MosaicSpec): one mosaic = one 3D window of the zoomed volume
-    crop: tuple[int, int, int] = (80, 80, 9)        # (X, Y, D); paper: (112, 112, 80) with a 9x9 grid
+    crop: tuple[int, int, int] = (82, 82, 9)        # (X, Y, D); paper: (112, 112, 80) with a 9x9 grid
     grid: int = 0                                   # 0 = ceil(sqrt(D))
     tile_pad: int = 1
-    zoom: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    zoom: tuple[float, float, float] = (0.43, 0.43, 0.5)  # LA 0.625 mm -> 1.45 mm in-plane, 1.25 mm z
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     # --- model / optimisation
     lora_rank: int = 4
@@ -56,7 +56,7 @@ class FinetuneConfig(ConfigBase):
     iterations: int = 200
     batch_size: int = 1
     lr: float = 1e-3
-    weight_decay: float = 0.1
+    weight_decay: float = 0.01                      # reference: 0.1
     warmup_iterations: int = 20                     # linear from lr / warmup to lr, then poly decay
     poly_power: float = 0.9
     # --- augmentation (the orientation family is also the pseudo-label TTA family)
