@@ -86,14 +86,27 @@ def stage_config(cls: type, ctx: StageContext) -> Any:
     return cls.from_dict(d)
 
 
+def _plain(x: Any) -> Any:
+    """JSON-able copy of a stage result without deep-copying it (``dataclasses.asdict`` would deep-copy fields
+    such as the result's Store, whose S3 client holds sockets): dataclasses/dicts/sequences recurse, numbers and
+    strings stay, anything else becomes its ``str``."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
 def to_json(result: Any) -> str:
     if result is None:
         return ""
-    if dataclasses.is_dataclass(result) and not isinstance(result, type):
-        result = dataclasses.asdict(result)
-    elif hasattr(result, "to_dict"):
+    if not dataclasses.is_dataclass(result) and hasattr(result, "to_dict"):
         result = result.to_dict()
-    return json.dumps(result, sort_keys=True, default=str)
+    return json.dumps(_plain(result), sort_keys=True)
 
 
 class Job:
