@@ -223,3 +223,54 @@ def test_artifact_small_and_reloads_on_base(la_dir, la_ids, tmp_path):
     ck.unlink()
     with pytest.raises(NotFoundError):
         load_finetuned(store)
+
+
+# ------------------------------------------------------------------------------------------------ head init, cache mode
+
+@pytest.mark.la
+def test_negated_head_starts_at_ln2(la_dir, la_ids, tmp_path):
+    import math
+
+    m = la_manifest(la_dir, la_ids, 1)
+    res = run_finetune(FinetuneConfig(**dict(TINY, iterations=3)), m, LocalStore(tmp_path / "neg"))
+    assert abs(res.history[0]["ce"] - math.log(2)) < 0.1           # opposite small logits: p ~ 0.5
+    with pytest.raises(ConfigError):
+        FinetuneConfig(**dict(TINY, head_init="zeros"))
+
+
+def test_cache_mode_config_checks():
+    with pytest.raises(ConfigError, match="lora_rank 0"):
+        FinetuneConfig(**dict(TINY, embedding_cache=4))            # cache needs a frozen encoder
+    with pytest.raises(ConfigError):
+        FinetuneConfig(**dict(TINY, lora_rank=-1))
+    FinetuneConfig(**dict(TINY, embedding_cache=4, lora_rank=0))
+
+
+@pytest.mark.la
+def test_cache_mode_trains_reloads_predicts_and_resumes(la_dir, la_ids, tmp_path):
+    from cfrseg.pseudolabel import predict_volume
+
+    m = la_manifest(la_dir, la_ids, 2)
+    cfg = FinetuneConfig(**dict(TINY, lora_rank=0, embedding_cache=3, iterations=30, lr=5e-3, foreground_prob=0.5))
+    events = []
+    full = run_finetune(cfg, m, LocalStore(tmp_path / "full"), progress=events.append)
+    losses = [h["loss"] for h in full.history]
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:3]) / 3
+    assert any("embedding cache" in (e.message or "") for e in events)
+    art = read_artifact(tmp_path / "full")
+    assert art["lora"]["rank"] == 0 and not any("image_encoder" in k for k in art["delta"])
+    sam = load_finetuned(tmp_path / "full")
+    from cfrseg.data import load_case
+
+    img, _ = load_case(m.cases[0], m)
+    probs = predict_volume(sam, sam.cfr_spec, img.array, 2, batch_size=4)
+    assert probs.shape == (2, *img.array.shape) and torch.allclose(probs.sum(0), torch.ones(()), atol=1e-4)
+
+    stop = CancelAfter(7)
+    with pytest.raises(Cancelled):
+        run_finetune(cfg, m, LocalStore(tmp_path / "part"), progress=stop.progress, cancel=stop)
+    resumed = run_finetune(cfg.replace(resume=True), m, LocalStore(tmp_path / "part"))
+    assert resumed.resumed_from == 7
+    assert [h["loss"] for h in resumed.history] == losses
+    b = read_artifact(tmp_path / "part")["delta"]
+    assert all(torch.equal(art["delta"][k], b[k]) for k in b)

@@ -119,3 +119,22 @@ def test_lite_medsam_class_head(lite_checkpoint):
         emb = m.embed(torch.rand(1, 3, 256, 256))
         assert emb.shape == (1, 256, 64, 64)
         assert m.decode(emb).shape == (1, 2, 256, 256)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_lite"])
+def test_negated_head_init_gives_opposite_logits(name):
+    import math
+
+    torch.manual_seed(0)
+    m = build_sam(name, 2, head_init="negated").eval()
+    assert m.info["head_init"] == [-1, 1]
+    x = torch.rand(2, 3, m.image_size, m.image_size)
+    with torch.no_grad():
+        logits = m(x)
+    assert torch.allclose(logits[:, 0], -logits[:, 1], atol=1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, torch.randint(2, (2, m.image_size, m.image_size)))
+    assert abs(float(ce) - math.log(2)) < 0.1
+    m3 = build_sam(name, 4, head_init="negated")
+    assert m3.info["head_init"] == [-1, 1, 2, 3]
+    with pytest.raises(ConfigError):
+        build_sam(name, 2, head_init="nope")

@@ -50,7 +50,7 @@ class FinetuneConfig(ConfigBase):
     zoom: tuple[float, float, float] = (0.43, 0.43, 0.5)  # LA 0.625 mm -> 1.45 mm in-plane, 1.25 mm z
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     # --- model / optimisation
-    lora_rank: int = 4
+    lora_rank: int = 4                              # 0 = no LoRA: frozen encoder, decoder-only training
     lora_alpha: float = 4.0                         # scale alpha / rank = 1 (the reference has no scaling)
     lora_dropout: float = 0.0
     iterations: int = 200
@@ -59,6 +59,11 @@ class FinetuneConfig(ConfigBase):
     weight_decay: float = 0.01                      # reference: 0.1
     warmup_iterations: int = 20                     # linear from lr / warmup to lr, then poly decay
     poly_power: float = 0.9
+    head_init: str = "negated"                      # K-class head init, see cfrseg.models.sam.make_class_head
+    dice_background: bool = True                    # Dice averaged over all classes (False: foreground only)
+    # --- decoder-only fast mode: > 0 = encode this many augmented mosaics per labeled volume ONCE (frozen
+    # encoder, needs lora_rank 0), then train the mask decoder + no-mask embedding on the cached embeddings
+    embedding_cache: int = 0
     # --- augmentation (the orientation family is also the pseudo-label TTA family)
     augment_rot90: bool = True
     augment_flip: bool = True
@@ -72,7 +77,13 @@ class FinetuneConfig(ConfigBase):
 
     def validate(self) -> None:
         require(bool(self.model), "finetune.model must be a SAM registry name")
-        require(self.lora_rank >= 1, f"finetune.lora_rank must be >= 1, got {self.lora_rank}")
+        require(self.lora_rank >= 0, f"finetune.lora_rank must be >= 0, got {self.lora_rank}")
+        require(self.embedding_cache >= 0, f"finetune.embedding_cache must be >= 0, got {self.embedding_cache}")
+        require(self.embedding_cache == 0 or self.lora_rank == 0,
+                "finetune.embedding_cache > 0 trains the decoder on frozen-encoder embeddings: set lora_rank 0")
+        from cfrseg.models.sam import HEAD_INITS
+
+        require(self.head_init in HEAD_INITS, f"finetune.head_init must be one of {HEAD_INITS}")
         require(self.lora_alpha > 0, f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
         require(0 <= self.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         require(self.iterations >= 1, f"finetune.iterations must be >= 1, got {self.iterations}")
@@ -155,17 +166,22 @@ def resolve_base_checkpoint(model: str, checkpoint: str | None, expected_sha256:
 
 
 def build_model(model: str, num_classes: int, checkpoint: Path | None, image_size: int, *,
-                lora_rank: int, lora_alpha: float, lora_dropout: float, base_seed: int = 0) -> torch.nn.Module:
-    """Base SAM (+ LoRA on q, v); everything frozen except LoRA, the mask decoder and the no-mask embedding.
-    The base is built under ``base_seed`` so a model without a checkpoint (``tiny``) is reproducible."""
-    from cfrseg.models.lora import inject_lora
+                lora_rank: int, lora_alpha: float, lora_dropout: float, base_seed: int = 0,
+                head_init: str = "pretrained") -> torch.nn.Module:
+    """Base SAM (+ LoRA on q, v unless ``lora_rank`` is 0); everything frozen except LoRA, the mask decoder and
+    the no-mask embedding. The base is built under ``base_seed`` so a model without a checkpoint (``tiny``) is
+    reproducible. ``head_init`` only matters for training (a loaded delta overwrites the whole head)."""
+    from cfrseg.models.lora import inject_lora, trainable_parameters
     from cfrseg.models.sam import build_sam
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed)
         sam = build_sam(model, num_classes, checkpoint=str(checkpoint) if checkpoint else None,
-                        image_size=image_size, pretrained=checkpoint is not None)
-        inject_lora(sam, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+                        image_size=image_size, pretrained=checkpoint is not None, head_init=head_init)
+        if lora_rank > 0:
+            inject_lora(sam, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
+        else:
+            trainable_parameters(sam)
     return sam
 
 
@@ -261,6 +277,40 @@ def plot_loss(history: list[dict[str, float]]) -> bytes:
     return buf.getvalue()
 
 
+@dataclass
+class EmbeddingCache:
+    """Frozen-encoder embeddings of a fixed pool of augmented mosaics, with their targets and validity."""
+
+    embeddings: torch.Tensor     # (N, C, h, w) float32
+    target: torch.Tensor         # (N, S, S) uint8
+    valid: torch.Tensor          # (N, S, S) bool
+
+
+@torch.inference_mode()
+def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec, per_volume: int, *, seed: int,
+                          bezier_p: float, foreground_prob: float, chunk: int = 4,
+                          on_chunk=None) -> EmbeddingCache:
+    """Encode ``per_volume`` random mosaics of every volume (random window, orientation, Bezier curve, drawn
+    by :func:`cfrseg.sam_data.make_batch` from a generator seeded with ``seed``: the same pool every time).
+    ``on_chunk(done, total)`` is called after each encoder batch (progress / cancel)."""
+    g = torch.Generator().manual_seed(seed)
+    embs, tgts, vals = [], [], []
+    total = per_volume * len(volumes)
+    for pv in volumes:
+        left = per_volume
+        while left > 0:
+            n = min(chunk, left)
+            images, target, valid = make_batch([pv], spec, n, g, bezier_p=bezier_p,
+                                               foreground_prob=foreground_prob)
+            embs.append(sam.embed(images).float().clone())
+            tgts.append(target.to(torch.uint8))
+            vals.append(valid)
+            left -= n
+            if on_chunk is not None:
+                on_chunk(sum(len(e) for e in embs), total)
+    return EmbeddingCache(torch.cat(embs), torch.cat(tgts), torch.cat(vals))
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 def _finished(config: FinetuneConfig, store: Store) -> dict[str, Any] | None:
@@ -306,7 +356,8 @@ def run_finetune(
     device = resolve_device(config.device)
     spec = config.spec()
     sam = build_model(config.model, data.num_classes, base_path, config.image_size, lora_rank=config.lora_rank,
-                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout).to(device)
+                      lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      head_init=config.head_init).to(device)
     params = [p for p in sam.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"model {config.model!r}: nothing to train (no LoRA / decoder parameters)")
@@ -354,6 +405,20 @@ def run_finetune(
         emit(progress, ProgressEvent(STAGE, start, config.iterations,
                                      message=f"loaded {i + 1}/{len(labeled)} labeled cases"))
 
+    cache: EmbeddingCache | None = None
+    if config.embedding_cache > 0:
+        sam.eval()
+
+        def on_chunk(done: int, total: int) -> None:
+            check_cancel(cancel, STAGE)
+            emit(progress, ProgressEvent(STAGE, start, config.iterations,
+                                         message=f"encoded {done}/{total} mosaics (embedding cache)"))
+
+        cache = build_embedding_cache(sam, volumes, spec, config.embedding_cache, seed=config.seed + 7919,
+                                      bezier_p=config.bezier_p, foreground_prob=config.foreground_prob,
+                                      on_chunk=on_chunk)
+        del volumes
+    size = (config.image_size, config.image_size)
     train_mode(sam)
     eta = Eta()
     last_ck = time.monotonic()
@@ -361,10 +426,17 @@ def run_finetune(
     try:
         for it in range(start, config.iterations):
             check_cancel(cancel, STAGE)
-            images, target, valid = make_batch(volumes, spec, config.batch_size, g, bezier_p=config.bezier_p,
-                                               foreground_prob=config.foreground_prob)
-            logits = sam(images)
-            loss, parts = masked_ce_dice(logits, target, valid)
+            if cache is None:
+                images, target, valid = make_batch(volumes, spec, config.batch_size, g,
+                                                   bezier_p=config.bezier_p, foreground_prob=config.foreground_prob)
+                logits = sam(images)
+            else:
+                idx = torch.randint(len(cache.embeddings), (config.batch_size,), generator=g)
+                target, valid = cache.target[idx].long(), cache.valid[idx]
+                logits = sam.decode(cache.embeddings[idx])
+                if tuple(logits.shape[-2:]) != size:
+                    logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+            loss, parts = masked_ce_dice(logits, target, valid, include_background=config.dice_background)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             lr = opt.param_groups[0]["lr"]
@@ -387,7 +459,7 @@ def run_finetune(
         "format": FORMAT, "model": config.model, "num_classes": data.num_classes,
         "image_size": config.image_size,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout},
-        "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
+        "head_init": config.head_init, "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
         "spec": spec.to_dict(), "iterations": config.iterations, "config": config.to_dict(),
         "delta": trainable_state(sam),
     })

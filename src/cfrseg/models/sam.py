@@ -201,22 +201,45 @@ def build_base_sam(
 
 # ---------------------------------------------------------------- prompt-free multi-class head
 
-def make_class_head(decoder: MaskDecoder, num_classes: int) -> list[int]:
+HEAD_INITS = ("pretrained", "negated")
+
+
+def make_class_head(decoder: MaskDecoder, num_classes: int, init: str = "pretrained") -> list[int]:
     """Turn ``decoder`` into a K-class head in place (K = num_classes, background included): K mask tokens and
-    K hypernetwork MLPs, class c initialised as a copy of pretrained token/MLP (c mod T0) (T0 = 4 for SAM:
-    class 0 = background gets the single-mask token 0, class 1.. the multimask tokens 1, 2, 3, then cycling).
-    The IoU head is kept but frozen (it is not used). Returns the source token index of each class."""
+    K hypernetwork MLPs. The IoU head is kept but frozen (it is not used). Returns the source token index of
+    each class (-1 = the negated copy of token 1).
+
+    ``init``:
+    - ``"pretrained"``: class c is a copy of pretrained token/MLP (c mod T0) (T0 = 4 for SAM: background gets
+      the single-mask token 0, class 1.. the multimask tokens 1, 2, 3, then cycling). With LiteMedSAM and no
+      prompt, token 0 gives background logits around -16 while token 1 gives ~0, so the first CE is ~15.
+    - ``"negated"``: foreground class c >= 1 copies pretrained token/MLP 1 + (c-1) mod (T0-1); background copies
+      token 1 with the last layer of its MLP negated, so for K = 2 the initial logits are exactly opposite
+      (small, |l| ~ 0.2 for LiteMedSAM), every pixel starts at p = 0.5 and the first CE is ln 2.
+    """
     if num_classes < 2:
         raise ConfigError(f"num_classes counts background and must be >= 2, got {num_classes}")
+    if init not in HEAD_INITS:
+        raise ConfigError(f"head init must be one of {HEAD_INITS}, got {init!r}")
     old_tokens = decoder.mask_tokens.weight.detach()
     t0 = old_tokens.shape[0]
-    src = [c % t0 for c in range(num_classes)]
+    if init == "pretrained" or t0 < 2:
+        src = [c % t0 for c in range(num_classes)]
+    else:
+        src = [1] + [1 + (c - 1) % (t0 - 1) for c in range(1, num_classes)]
     tokens = nn.Embedding(num_classes, old_tokens.shape[1]).to(old_tokens)
     with torch.no_grad():
         tokens.weight.copy_(old_tokens[src])
     old_mlps = decoder.output_hypernetworks_mlps
     decoder.mask_tokens = tokens
     decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(old_mlps[i]) for i in src)
+    if init == "negated" and t0 >= 2:
+        last = decoder.output_hypernetworks_mlps[0].layers[-1]
+        with torch.no_grad():
+            last.weight.neg_()
+            if last.bias is not None:
+                last.bias.neg_()
+        src = [-1] + src[1:]
     decoder.num_mask_tokens = num_classes
     decoder.num_multimask_outputs = num_classes - 1
     for p in decoder.iou_prediction_head.parameters():
@@ -234,12 +257,12 @@ class CfrSam(nn.Module):
     """
 
     def __init__(self, base: Sam, num_classes: int, pixel_mean: tuple[float, ...], pixel_std: tuple[float, ...],
-                 info: dict[str, Any] | None = None) -> None:
+                 info: dict[str, Any] | None = None, head_init: str = "pretrained") -> None:
         super().__init__()
         self.image_encoder = base.image_encoder
         self.prompt_encoder = base.prompt_encoder
         self.mask_decoder = base.mask_decoder
-        src = make_class_head(self.mask_decoder, num_classes)
+        src = make_class_head(self.mask_decoder, num_classes, head_init)
         self.num_classes = num_classes
         self.image_size = int(self.prompt_encoder.input_image_size[0])
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(1, 3, 1, 1), False)
@@ -287,12 +310,14 @@ def build_sam(
     *,
     pretrained: bool = True,
     expected_sha256: str | None = None,
+    head_init: str = "pretrained",
 ) -> CfrSam:
-    """Build the prompt-free K-class model ``name`` (see the module docstring for the checkpoint rules)."""
+    """Build the prompt-free K-class model ``name`` (see the module docstring for the checkpoint rules);
+    ``head_init`` see :func:`make_class_head`."""
     base, info = build_base_sam(name, checkpoint, image_size, pretrained=pretrained,
                                 expected_sha256=expected_sha256)
     spec = SAM_MODELS[name]
-    return CfrSam(base, num_classes, spec.pixel_mean, spec.pixel_std, info)
+    return CfrSam(base, num_classes, spec.pixel_mean, spec.pixel_std, info, head_init=head_init)
 
 
 @torch.no_grad()
