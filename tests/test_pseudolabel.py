@@ -105,3 +105,15 @@ def test_predict_volume_inverts_mosaic_windows_and_orientations(tta):
     assert probs.shape == (2, 37, 29, 23)
     assert torch.allclose(probs.sum(0), torch.ones(()), atol=1e-5)
     assert np.array_equal(probs.argmax(0).numpy(), (vol > 0.5).astype(np.int64))
+
+
+def test_tta_subset_is_evenly_spread():
+    from cfrseg.pseudolabel import PseudolabelConfig, tta_family
+    from cfrseg.sam_data import MosaicSpec
+
+    spec = MosaicSpec(image_size=64, crop=(16, 16, 4))
+    assert tta_family(spec, 0) == spec.orientations() == tta_family(spec, 8) and len(spec.orientations()) == 8
+    assert tta_family(spec, 2) == [(0, False), (0, True)]
+    assert tta_family(spec, 4) == [(0, False), (2, False), (0, True), (2, True)]
+    with pytest.raises(Exception):
+        PseudolabelConfig(tta_count=-1)

@@ -42,6 +42,8 @@ class PseudolabelConfig(ConfigBase):
 
     roles: tuple[str, ...] = ("unlabeled",)   # which cases to label ("test"/"labeled" for evaluation)
     tta: bool = False                         # average over the fine-tune orientation family (x1..x8 cost)
+    tta_count: int = 0                        # with tta: use only this many orientations, evenly spread over the
+                                              # family, identity first (8-family: 2 = id + flip); 0 = all
     overlap: float = 0.25                     # in-plane overlap of windows when a slice exceeds the crop
     batch_size: int = 2                       # mosaics per forward pass
     merge_lora: bool = True                   # fold LoRA into qkv for inference (same outputs, faster)
@@ -53,6 +55,7 @@ class PseudolabelConfig(ConfigBase):
         require(len(self.roles) > 0 and all(r in ROLES for r in self.roles),
                 f"pseudolabel.roles must be a non-empty subset of {ROLES}, got {self.roles}")
         require(0 <= self.overlap < 1, f"pseudolabel.overlap must be in [0, 1), got {self.overlap}")
+        require(self.tta_count >= 0, f"pseudolabel.tta_count must be >= 0, got {self.tta_count}")
         require(self.batch_size >= 1, f"pseudolabel.batch_size must be >= 1, got {self.batch_size}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"pseudolabel.device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -86,6 +89,7 @@ def predict_volume(
     num_classes: int,
     *,
     tta: bool = False,
+    tta_count: int = 0,
     overlap: float = 0.25,
     batch_size: int = 2,
     device: torch.device | str = "cpu",
@@ -97,7 +101,7 @@ def predict_volume(
     device = torch.device(device)
     pv = prepare_volume(image, None, spec, num_classes, device)
     layout = spec.layout()
-    family = spec.orientations() if tta else [(0, False)]
+    family = tta_family(spec, tta_count) if tta else [(0, False)]
     total = torch.zeros((num_classes, *pv.image.shape), dtype=torch.float32, device=device)
     for o in family:
         vol = orient(pv.image, o)
@@ -125,6 +129,16 @@ def predict_volume(
     if tuple(probs.shape[1:]) != tuple(image.shape):
         probs = F.interpolate(probs[None], size=tuple(image.shape), mode="trilinear", align_corners=False)[0]
     return probs
+
+
+def tta_family(spec: MosaicSpec, count: int = 0) -> list:
+    """The TTA orientations: the whole fine-tune family (``count`` 0 or >= its size), else ``count`` of them
+    evenly spread, identity first (for the 8-element family: 2 = identity + mirror, 4 = adds the half turns)."""
+    fam = spec.orientations()
+    if count <= 0 or count >= len(fam):
+        return fam
+    step = len(fam) / count
+    return [fam[int(i * step)] for i in range(count)]
 
 
 def probs_to_label(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +234,7 @@ def run_pseudolabel(
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
             probs = predict_volume(sam, spec, image.array, data.num_classes, tta=config.tta,
-                                   overlap=config.overlap, batch_size=config.batch_size, device=device,
+                                   tta_count=config.tta_count, overlap=config.overlap, batch_size=config.batch_size, device=device,
                                    cancel=cancel)
             lab, conf = probs_to_label(probs)
             if config.write_confidence:
@@ -273,7 +287,8 @@ def evaluate_sam(
         if gt is None:
             raise InputError(f"evaluate_sam: case {case.case_id!r} has no label")
         tc = time.monotonic()
-        probs = predict_volume(sam, spec, image.array, data.num_classes, tta=config.tta, overlap=config.overlap,
+        probs = predict_volume(sam, spec, image.array, data.num_classes, tta=config.tta, tta_count=config.tta_count,
+                               overlap=config.overlap,
                                batch_size=config.batch_size, device=device, cancel=cancel)
         lab, _ = probs_to_label(probs)
         out["seconds"][case.case_id] = round(time.monotonic() - tc, 2)
