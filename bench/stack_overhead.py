@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import write_json  # noqa: E402
+from _common import write_json
 
 
 def in_process(data: Path, profile: str, out: Path) -> float:

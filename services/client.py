@@ -52,9 +52,7 @@ def _watch(c: Client, run_id: str, quiet: bool = False) -> int:
 
     bar = None
     stage = ""
-    last = None
     for ev in c.watch_run(run_id):
-        last = ev
         p = ev.progress
         if quiet:
             continue

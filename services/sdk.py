@@ -17,8 +17,9 @@ import hashlib
 import json
 import os
 import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -41,14 +42,6 @@ def sha256_file(path: str | Path) -> str:
 
 def state_name(state: int) -> str:
     return common_pb2.RunState.Name(state).removeprefix("RUN_STATE_")
-
-
-class _Auth(grpc.AuthMetadataPlugin):
-    def __init__(self, token: str) -> None:
-        self._md = (("authorization", f"Bearer {token}"),)
-
-    def __call__(self, context, callback) -> None:
-        callback(self._md, None)
 
 
 class Client:
@@ -74,7 +67,7 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,6 +217,6 @@ class Client:
         assert info is not None and tmp is not None
         if info.ref.sha256 and h.hexdigest() != info.ref.sha256:
             tmp.unlink(missing_ok=True)
-            raise IOError(f"download of {name}: sha256 mismatch (got {h.hexdigest()}, expected {info.ref.sha256})")
+            raise OSError(f"download of {name}: sha256 mismatch (got {h.hexdigest()}, expected {info.ref.sha256})")
         os.replace(tmp, dest)
         return dest

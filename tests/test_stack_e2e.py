@@ -63,7 +63,7 @@ def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
         model = c.download_artifact(run.run_id, "retrain/model.pt", tmp_path / "model" / "model.pt")
         from cfrseg.infer import load_model
 
-        net, meta = load_model(model.parent, device="cpu")
+        _net, meta = load_model(model.parent, device="cpu")
         assert meta["num_classes"] == 2
         report = c.download_artifact(run.run_id, "report.md", tmp_path)
         assert "dice" in report.read_text()

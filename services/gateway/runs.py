@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
@@ -19,8 +20,16 @@ from services.common.jobstore import JobStore
 from services.common.s3store import S3Store
 from services.gateway.datasets import Datasets, request_hash, request_key
 from services.gen.cfrseg.v1 import common_pb2, gateway_pb2
-from services.orchestrator.records import (FINAL_STATES, STAGES, Record, check_id, new_id, new_run_record,
-                                           run_key, run_lock)
+from services.orchestrator.records import (
+    FINAL_STATES,
+    STAGES,
+    Record,
+    check_id,
+    new_id,
+    new_run_record,
+    run_key,
+    run_lock,
+)
 
 SECTIONS = ("data", "finetune", "pseudolabel", "retrain", "infer", "pipeline")
 SSL_METHODS = ("none", "mt", "st", "uamt", "acmt")

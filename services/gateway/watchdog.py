@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from services.gateway.runs import Runs
 from services.orchestrator.records import FINAL_STATES
@@ -54,5 +54,5 @@ class Watchdog:
         while not self._stop.wait(self.period_s):
             try:
                 self.check_once()
-            except Exception:  # noqa: BLE001  (Redis/S3 down for a moment: try again next period)
+            except Exception:
                 log.warning("watchdog pass failed", exc_info=True)

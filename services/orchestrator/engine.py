@@ -15,9 +15,10 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import grpc
 
@@ -258,8 +259,8 @@ def _report(rec: Record, table: str) -> str:
     lines = [f"# cfrseg run {rec['run_id']}", "",
              f"- name: {rec.get('name') or '-'}", f"- dataset: {rec['dataset_id']}",
              f"- profile: {rec['profile']}, SSL method: {rec['ssl_method']}",
-             f"- labeled cases: {len(rec['labeled_case_ids'])}, unlabeled: {len(rec['unlabeled_case_ids'])}, "
-             f"test: {len(rec.get('test_case_ids', []))}",
+             (f"- labeled cases: {len(rec['labeled_case_ids'])}, unlabeled: {len(rec['unlabeled_case_ids'])}, "
+              f"test: {len(rec.get('test_case_ids', []))}"),
              f"- model: runs/{rec['run_id']}/retrain/model.pt", "", "## Stages", ""]
     for s in STAGES:
         st = rec["stages"][s]

@@ -10,7 +10,8 @@ import contextlib
 import re
 import time
 import uuid
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from cfrseg.errors import InputError
 

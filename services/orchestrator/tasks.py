@@ -61,7 +61,7 @@ def advance(self, run_id: str, token: str) -> str:
         return _advance(env, run_id, token)
     except Retry:
         raise
-    except Exception as e:  # noqa: BLE001  (S3/Redis hiccup: retry this same step with backoff)
+    except Exception as e:
         log.warning("step of run %s failed (%r); retrying", run_id, e, exc_info=True)
         raise self.retry(exc=e, countdown=min(30.0, 1.0 * 2 ** self.request.retries))
 
