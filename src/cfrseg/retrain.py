@@ -509,6 +509,8 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
     from cfrseg.models.registry import build_network
 
     student = build_network(cfg.network, 1, data.num_classes, **cfg.network_kwargs).to(device)
+    if device.type == "cpu":  # oneDNN's 3D convolutions are ~1.5x faster in this layout (same numbers)
+        student = student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student)
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -576,6 +578,8 @@ def _train_step(cfg: RetrainConfig, method: SSLMethod, student: nn.Module, teach
     student.train()
     nl = b["image_l"].shape[0]
     x = torch.cat([b["image_l"], b["image_u"]]) if "image_u" in b else b["image_l"]
+    if x.device.type == "cpu":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     out = _logits(student(x))
     out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
     terms = method.loss(out_l, out_u, teacher_fn, b, step)
