@@ -66,7 +66,7 @@ def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
         _net, meta = load_model(model.parent, device="cpu")
         assert meta["num_classes"] == 2
         report = c.download_artifact(run.run_id, "report.md", tmp_path)
-        assert "dice" in report.read_text()
+        assert "dice" in report.read_text(encoding="utf-8")
 
         out = tmp_path / "seg.nii.gz"
         res = c.segment_file(final.model_id, data / "images" / f"{test_id}.nii.gz", out)

@@ -163,7 +163,8 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CancelRun(self, request, context):
-        """Cancels a queued or running run (no-op for a finished one); returns the run (CANCELLING or CANCELLED).
+        """Cancels a queued or running run; returns it (CANCELLING or CANCELLED). An already cancelled run is returned
+        as is; a run that already succeeded or failed gives FAILED_PRECONDITION (nothing to cancel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
