@@ -10,4 +10,4 @@ if [ ! -f "$DATA/train.list" ]; then
   DATA=.cache/la2018
   .venv/bin/cfrseg data fetch la2018 --dest "$DATA"
 fi
-exec .venv/bin/cfrseg run --profile lite --data "$DATA" --labeled 4 --ssl mt --out runs/lite "$@"
+exec .venv/bin/cfrseg run --profile lite --data "$DATA" --labeled 4 --holdout 16 --ssl mt --out runs/lite "$@"
