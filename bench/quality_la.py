@@ -28,7 +28,7 @@ from _common import peak_rss_mb, write_json  # noqa: E402
 
 def _one(args: argparse.Namespace) -> None:
     """Run one configuration in this process and write its result JSON."""
-    from cfrseg.config import load_profile
+    from cfrseg.config import apply_overrides, load_profile
     from cfrseg.data import manifest_from_la
     from cfrseg.pipeline import PipelineConfig, _fg, run_pipeline
     from cfrseg.retrain import RetrainConfig, evaluate_model, run_retrain
@@ -36,14 +36,7 @@ def _one(args: argparse.Namespace) -> None:
 
     out = Path(args.out) / f"L{args.L}_{args.method}"
     data = manifest_from_la(args.data, args.L, holdout=args.holdout)
-    prof = load_profile(args.profile)
-    for item in args.set or []:
-        k, _, v = item.partition("=")
-        st, _, name = k.partition(".")
-        try:
-            prof.setdefault(st, {})[name] = json.loads(v)
-        except json.JSONDecodeError:
-            prof.setdefault(st, {})[name] = v
+    prof = apply_overrides(load_profile(args.profile), args.set or [])
     t0 = time.monotonic()
     res: dict = {"L": args.L, "method": args.method, "profile": args.profile}
     if args.method == "cfr":

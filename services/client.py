@@ -93,18 +93,13 @@ def cmd_upload_dataset(c: Client, a: argparse.Namespace) -> int:
 
 
 def _overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, val = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise SystemExit(f"error: --set wants STAGE.KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(val)
-        except json.JSONDecodeError:
-            value = val
-        out.setdefault(stage, {})[name] = value
-    return out
+    from cfrseg.config import parse_overrides
+    from cfrseg.errors import ConfigError
+
+    try:
+        return parse_overrides(items)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def cmd_submit(c: Client, a: argparse.Namespace) -> int:

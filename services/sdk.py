@@ -24,20 +24,13 @@ from typing import Any
 import grpc
 
 from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from cfrseg.weights import sha256_file  # noqa: F401  (re-exported)
 
 CHUNK = 1 << 20
 KINDS = {"image": gateway_pb2.VOLUME_KIND_IMAGE, "label": gateway_pb2.VOLUME_KIND_LABEL}
 ROLES = {"labeled": gateway_pb2.CASE_ROLE_LABELED, "unlabeled": gateway_pb2.CASE_ROLE_UNLABELED,
          "test": gateway_pb2.CASE_ROLE_TEST}
 FINAL = (common_pb2.RUN_STATE_SUCCEEDED, common_pb2.RUN_STATE_FAILED, common_pb2.RUN_STATE_CANCELLED)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(CHUNK), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def state_name(state: int) -> str:

@@ -79,3 +79,17 @@ def test_cli_bad_input_exits_2(tmp_path: Path, capsys) -> None:
     assert main(["retrain", "--profile", "tiny", "--set", "retrain.iterations", "--data", str(tmp_path),
                  "--labeled", "1", "--out", str(tmp_path / "o")]) == 2
     assert "STAGE.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_profile_overrides_parse_json_and_reject_bad_items() -> None:
+    from cfrseg.config import apply_overrides, parse_overrides
+    from cfrseg.errors import ConfigError
+
+    assert parse_overrides(["retrain.iterations=100", "finetune.crop=[8,8,4]", "retrain.ssl=mt"]) == {
+        "retrain": {"iterations": 100, "ssl": "mt"}, "finetune": {"crop": [8, 8, 4]}}
+    prof = {"retrain": {"iterations": 6, "lr": 0.1}}
+    out = apply_overrides(prof, ["retrain.iterations=3"])
+    assert out["retrain"] == {"iterations": 3, "lr": 0.1} and prof["retrain"]["iterations"] == 6
+    for bad in ("retrain.iterations", "iterations=3", ".x=1", "retrain.=1"):
+        with pytest.raises(ConfigError, match="STAGE.KEY=VALUE"):
+            parse_overrides([bad])

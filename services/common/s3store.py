@@ -22,6 +22,7 @@ from minio.error import S3Error
 from cfrseg.errors import NotFoundError
 from cfrseg.store import check_key
 from services.common.settings import Settings
+from cfrseg.weights import sha256_file  # noqa: F401  (re-exported)
 
 CHUNK = 1 << 20          # streaming chunk size (1 MiB: also the gRPC chunk size)
 PART = 16 << 20          # multipart part size for streams of unknown length
@@ -35,14 +36,6 @@ class Ref:
     key: str
     sha256: str
     size: int
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for b in iter(lambda: f.read(CHUNK), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def make_client(settings: Settings) -> Minio:

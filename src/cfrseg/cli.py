@@ -39,21 +39,9 @@ def _manifest(args: argparse.Namespace):
 
 
 def _profile(args: argparse.Namespace) -> dict:
-    from cfrseg.config import load_profile
-    from cfrseg.errors import ConfigError
+    from cfrseg.config import apply_overrides, load_profile
 
-    prof = load_profile(args.profile)
-    for item in args.set:
-        key, sep, val = item.partition("=")
-        stage, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise ConfigError(f"--set wants STAGE.KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(val)
-        except json.JSONDecodeError:
-            value = val
-        prof.setdefault(stage, {})[name] = value
-    return prof
+    return apply_overrides(load_profile(args.profile), args.set)
 
 
 def retrain_cmd(args: argparse.Namespace) -> int:

@@ -87,3 +87,29 @@ def load_profile(name: str) -> dict[str, dict[str, Any]]:
     if name not in PROFILES:
         raise ConfigError(f"unknown profile {name!r}; choose one of {list(PROFILES)} or give a .json file")
     return json.loads(resources.files("cfrseg.profiles").joinpath(f"{name}.json").read_text())
+
+
+def parse_overrides(items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """``["retrain.iterations=100", "finetune.lr=1e-4"]`` -> ``{"retrain": {"iterations": 100}, ...}``.
+
+    Values are JSON (numbers, booleans, lists, null); anything that is not valid JSON is kept as a string."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        stage, dot, name = key.partition(".")
+        if not sep or not dot or not stage or not name:
+            raise ConfigError(f"--set wants STAGE.KEY=VALUE, got {item!r}")
+        try:
+            value = json.loads(val)
+        except json.JSONDecodeError:
+            value = val
+        out.setdefault(stage, {})[name] = value
+    return out
+
+
+def apply_overrides(profile: dict[str, dict[str, Any]], items: list[str] | tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """A copy of ``profile`` with :func:`parse_overrides` of ``items`` merged into its sections."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in profile.items()}
+    for stage, kv in parse_overrides(items).items():
+        out.setdefault(stage, {}).update(kv)
+    return out
