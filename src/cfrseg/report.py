@@ -80,10 +80,12 @@ def loss_curves_png(path: str | Path, histories: Mapping[str, Sequence[Mapping[s
         keys = [k for k in hist[-1] if k not in ("step", "lr", "time", "t") and isinstance(hist[-1][k], (int, float))]
         for k in keys:
             vals = np.array([r.get(k, math.nan) for r in hist], dtype=float)
+            xs = np.asarray(steps, dtype=float)
             win = max(1, len(vals) // 50)
-            if win > 1:  # moving average for readability
-                vals = np.convolve(np.nan_to_num(vals), np.ones(win) / win, mode="same")
-            ax.plot(steps, vals, label=k, lw=1)
+            if win > 1:  # trailing moving average for readability (no zero padding at the ends)
+                vals = np.convolve(np.nan_to_num(vals), np.ones(win) / win, mode="valid")
+                xs = xs[win - 1:]
+            ax.plot(xs, vals, label=k, lw=1)
         ax.set_title(stage)
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
