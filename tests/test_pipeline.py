@@ -93,3 +93,18 @@ def test_profile_overrides_parse_json_and_reject_bad_items() -> None:
     for bad in ("retrain.iterations", "iterations=3", ".x=1", "retrain.=1"):
         with pytest.raises(ConfigError, match="STAGE.KEY=VALUE"):
             parse_overrides([bad])
+
+
+@pytest.mark.parametrize("name", ["tiny", "lite", "paper"])
+def test_every_profile_builds_valid_stage_configs(name: str) -> None:
+    from cfrseg.config import load_profile
+    from cfrseg.pipeline import PipelineConfig
+
+    cfg = PipelineConfig.from_profile(load_profile(name), ssl="mt", profile=name, sam_checkpoint=None)
+    assert cfg.retrain.ssl == "mt" and cfg.finetune.iterations >= 1
+    spec = cfg.finetune.spec()
+    assert spec.image_size in (128, 256, 1024)
+    # the round trip through JSON gives the same configs
+    again = PipelineConfig.from_profile({k: v for k, v in cfg.to_dict().items() if k in ("finetune", "pseudolabel",
+                                         "retrain")}, profile=name)
+    assert again.to_dict()["retrain"] == cfg.to_dict()["retrain"]
