@@ -30,6 +30,16 @@ def _mid_slice(label: np.ndarray | None, depth: int) -> int:
     return depth // 2
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write and close a figure."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _plt().close(fig)
+    return path
+
+
 def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str, np.ndarray | None]],
                 title: str = "", z: int | None = None) -> Path:
     """One row: the image, then the image with each label map (X, Y, Z arrays) drawn over it at slice ``z``.
@@ -61,12 +71,7 @@ def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str,
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def loss_curves_png(path: str | Path, histories: Mapping[str, Sequence[Mapping[str, Any]]]) -> Path:
@@ -90,12 +95,7 @@ def loss_curves_png(path: str | Path, histories: Mapping[str, Sequence[Mapping[s
         ax.set_xlabel("iteration")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _fmt(v: Any) -> str:
