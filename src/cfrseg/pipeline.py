@@ -155,7 +155,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         t0 = time.monotonic()
         for name, man, cases in sets:
             res = evaluate_sam(config.pseudolabel, man, ft_store, case_ids=[c.case_id for c in cases],
-                               progress=progress, cancel=cancel)
+                               class_weights=pl.class_weights, progress=progress, cancel=cancel)
             sam_metrics[name] = res
         stage_done("evaluate_sam", t0)
 
@@ -182,7 +182,8 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         "timings_s": dict(timings, total=round(time.monotonic() - t_all, 1)),
         "peak_rss_mb": dict(peaks, overall=round(_peak_rss_mb(), 1)),
         "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from},
-        "pseudolabel": {"cases": len(pl.labels), "skipped": len(pl.skipped), "quality": pl_quality},
+        "pseudolabel": {"cases": len(pl.labels), "skipped": len(pl.skipped), "quality": pl_quality,
+                        "calibration": pl.calibration},
         "retrain": {"iterations": rt.iterations, "final_losses": rt.final_losses, "ssl": config.retrain.ssl,
                     "evaluated_weights": config.retrain.evaluate},
         "metrics": {

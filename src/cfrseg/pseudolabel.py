@@ -7,6 +7,10 @@ groups along the slice axis), mosaic, SAM, softmax, inverse mosaic; optionally a
 orientation family (test-time augmentation). Probabilities are resampled back to the source grid, then
 ``labels/<case_id>.nii.gz`` (uint8 argmax) and ``confidence/<case_id>.nii.gz`` (float32 max probability) are
 written once, in the source geometry. A rerun skips finished cases.
+
+With ``calibration = "prior"`` the probabilities are first reweighted per class (:mod:`cfrseg.calibrate`) so
+that the labels of a few unlabeled volumes have the class fractions of the labeled volumes; the weights are
+fitted once, before any label is written, and kept in ``calibration.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from cfrseg import concat
+from cfrseg.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
 from cfrseg.config import ConfigBase, require
 from cfrseg.errors import ConfigError, InputError
 from cfrseg.finetune import ARTIFACT, load_finetuned, read_artifact, resolve_device
@@ -34,6 +39,8 @@ from cfrseg.volume import Volume
 
 STAGE = "pseudolabel"
 SOURCE = "source.json"
+CALIBRATION = "calibration.json"
+CALIBRATIONS = ("none", "prior")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,10 @@ class PseudolabelConfig(ConfigBase):
     merge_lora: bool = True                   # fold LoRA into qkv for inference (same outputs, faster)
     write_confidence: bool = True
     checkpoint: str | None = None             # base SAM checkpoint override (default: recorded / cached)
+    calibration: str = "none"                 # none (argmax, the paper) | prior (class fractions of the labeled
+                                              # volumes; see cfrseg.calibrate)
+    calibration_cases: int = 8                # prior: unlabeled volumes the weights are fitted on (evenly spread)
+    calibration_voxels: int = 200_000         # prior: voxels sampled per calibration volume
     device: str = "auto"
 
     def validate(self) -> None:
@@ -57,6 +68,11 @@ class PseudolabelConfig(ConfigBase):
         require(0 <= self.overlap < 1, f"pseudolabel.overlap must be in [0, 1), got {self.overlap}")
         require(self.tta_count >= 0, f"pseudolabel.tta_count must be >= 0, got {self.tta_count}")
         require(self.batch_size >= 1, f"pseudolabel.batch_size must be >= 1, got {self.batch_size}")
+        require(self.calibration in CALIBRATIONS,
+                f"pseudolabel.calibration must be one of {list(CALIBRATIONS)}, got {self.calibration!r}")
+        require(self.calibration_cases >= 1, f"pseudolabel.calibration_cases must be >= 1, got {self.calibration_cases}")
+        require(self.calibration_voxels >= 1000,
+                f"pseudolabel.calibration_voxels must be >= 1000, got {self.calibration_voxels}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"pseudolabel.device must be auto, cpu or cuda[:N], got {self.device!r}")
 
@@ -69,6 +85,11 @@ class PseudolabelResult:
     confidence: dict[str, str] = field(default_factory=dict)   # case_id -> key of the confidence map
     skipped: list[str] = field(default_factory=list)           # already present, not recomputed
     elapsed_s: float = 0.0
+    calibration: dict[str, Any] | None = None                  # calibration.json (prior, weights, cases)
+
+    @property
+    def class_weights(self) -> list[float] | None:
+        return None if self.calibration is None else self.calibration["weights"]
 
 
 def label_key(case_id: str) -> str:
@@ -141,9 +162,10 @@ def tta_family(spec: MosaicSpec, count: int = 0) -> list:
     return [fam[int(i * step)] for i in range(count)]
 
 
-def probs_to_label(probs: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(K, X, Y, Z) probabilities -> (uint8 argmax label, float32 confidence = max probability in [0, 1])."""
-    conf, lab = probs.max(dim=0)
+def probs_to_label(probs: torch.Tensor, class_weights: list[float] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(K, X, Y, Z) probabilities -> (uint8 argmax label, float32 confidence = max probability in [0, 1]); with
+    ``class_weights`` both come from the reweighted, renormalised probabilities."""
+    conf, lab = apply_class_weights(probs, class_weights).max(dim=0)
     return lab.to(torch.uint8).cpu().numpy(), conf.clamp(0, 1).float().cpu().numpy()
 
 
@@ -183,6 +205,49 @@ def _load_model(config: PseudolabelConfig, finetuned: Store, data: Manifest,
     return sam, spec, art
 
 
+def _predict(config: PseudolabelConfig, model: tuple, image: np.ndarray, num_classes: int,
+             device: torch.device, cancel: CancelFlag | None) -> torch.Tensor:
+    sam, spec, _ = model
+    return predict_volume(sam, spec, image, num_classes, tta=config.tta, tta_count=config.tta_count,
+                          overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel)
+
+
+def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], model: tuple, device: torch.device,
+              progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> dict[str, Any]:
+    """Fit the ``calibration = "prior"`` class weights: the prior is the pooled class fraction of the labeled
+    cases' label maps; the probabilities are those of ``config.calibration_cases`` of ``cases`` (evenly spread,
+    ``config.calibration_voxels`` voxels sampled from each). Returns the content of ``calibration.json``."""
+    from cfrseg.data import load_case
+
+    if not data.labeled:
+        raise InputError(f"pseudolabel.calibration 'prior' needs labeled cases; manifest {data.name!r} has none")
+    if not cases:
+        raise InputError("pseudolabel.calibration 'prior': no case to calibrate on")
+    prior = class_fractions([load_case(c, data, check_pseudo=False)[1].array for c in data.labeled],
+                            data.num_classes)
+    n = min(config.calibration_cases, len(cases))
+    picks = [cases[int(i * len(cases) / n)] for i in range(n)]
+    samples = []
+    for i, case in enumerate(picks):
+        check_cancel(cancel, STAGE)
+        image, _ = load_case(case, data, check_pseudo=False)
+        probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+        samples.append(subsample(probs, config.calibration_voxels, seed=i))
+        emit(progress, ProgressEvent(STAGE, 0, len(cases), message=f"calibrating on {case.case_id} ({i + 1}/{n})"))
+    pooled = torch.cat(samples)
+    weights = fit_class_weights(pooled, prior)
+    before = torch.bincount(pooled.argmax(1), minlength=data.num_classes).double() / pooled.shape[0]
+    after = torch.bincount(apply_class_weights(pooled.T, weights).argmax(0), minlength=data.num_classes).double()
+    out: dict[str, Any] = {
+        "calibration": "prior", "cases": [c.case_id for c in picks], "prior": [float(v) for v in prior],
+        "weights": weights, "fractions_argmax": [float(v) for v in before],
+        "fractions_calibrated": [float(v) for v in after / pooled.shape[0]],
+    }
+    if data.num_classes == 2:
+        out["threshold"] = 1.0 / (1.0 + weights[1])   # foreground where p1 > threshold
+    return out
+
+
 # ------------------------------------------------------------------------------------------------ the stage
 
 def run_pseudolabel(
@@ -206,17 +271,30 @@ def run_pseudolabel(
     if digest is None:
         read_artifact(finetuned)   # raises the clear NotFoundError
     if store.exists(SOURCE):
-        old = get_json(store, SOURCE).get("finetune_sha256")
+        src = get_json(store, SOURCE)
+        old = src.get("finetune_sha256")
         if old != digest:
             raise ConfigError(f"{store!r} holds pseudo-labels of another fine-tuned SAM ({ARTIFACT} sha256 "
                               f"{old}); write to a new folder or delete it")
-    put_json(store, SOURCE, {"finetune_sha256": digest})
+        if src.get("calibration", "none") != config.calibration:
+            raise ConfigError(f"{store!r} holds pseudo-labels made with calibration {src.get('calibration', 'none')!r},"
+                              f" not {config.calibration!r}; write to a new folder or delete it")
+    put_json(store, SOURCE, {"finetune_sha256": digest, "calibration": config.calibration})
     put_json(store, "config.json", config.to_dict())
     summary: dict[str, Any] = get_json(store, "summary.json") if store.exists("summary.json") else {}
 
     device = resolve_device(config.device)
     labels, paths, conf_keys, skipped = {}, {}, {}, []
     model: tuple[torch.nn.Module, MosaicSpec, dict[str, Any]] | None = None
+    calib: dict[str, Any] | None = None
+    if config.calibration == "prior":
+        if store.exists(CALIBRATION):
+            calib = get_json(store, CALIBRATION)
+        else:
+            model = _load_model(config, finetuned, data, device)
+            calib = calibrate(config, data, cases, model, device, progress, cancel)
+            put_json(store, CALIBRATION, calib)
+    weights = None if calib is None else calib["weights"]
     eta = Eta()
     eta(0, len(cases))
     for i, case in enumerate(cases):
@@ -228,15 +306,12 @@ def run_pseudolabel(
             check_cancel(cancel, STAGE)
             if model is None:
                 model = _load_model(config, finetuned, data, device)
-            sam, spec, _ = model
             from cfrseg.data import load_case
 
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
-            probs = predict_volume(sam, spec, image.array, data.num_classes, tta=config.tta,
-                                   tta_count=config.tta_count, overlap=config.overlap, batch_size=config.batch_size, device=device,
-                                   cancel=cancel)
-            lab, conf = probs_to_label(probs)
+            probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+            lab, conf = probs_to_label(probs, weights)
             if config.write_confidence:
                 _put_volume(store, ck, image.with_array(conf), label=False)
             _put_volume(store, lk, image.with_array(lab), label=True)   # written last: marks the case done
@@ -252,7 +327,7 @@ def run_pseudolabel(
             paths[case.case_id] = lp
         emit(progress, ProgressEvent(STAGE, i + 1, len(cases), message=f"{case.case_id}"
                                      + (" (already done)" if done else ""), eta_s=eta(i + 1, len(cases))))
-    return PseudolabelResult(store, labels, paths, conf_keys, skipped, time.monotonic() - t0)
+    return PseudolabelResult(store, labels, paths, conf_keys, skipped, time.monotonic() - t0, calib)
 
 
 def evaluate_sam(
@@ -261,13 +336,14 @@ def evaluate_sam(
     finetuned: Store,
     *,
     case_ids: list[str] | None = None,
+    class_weights: list[float] | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFlag | None = None,
 ) -> dict[str, Any]:
     """Dice/Jaccard/ASD/HD95 of the fine-tuned SAM alone (the paper's CFR_FT row) on labeled cases.
 
     Cases: ``case_ids`` if given, else those with a label whose role is in ``config.roles``. Runs exactly the
-    pseudo-label path (:func:`predict_volume`). Returns ``{"cases": {id: compute_case(...)}, "summary":
+    pseudo-label path (:func:`predict_volume`, then ``class_weights`` as the pseudo-labels got them). Returns ``{"cases": {id: compute_case(...)}, "summary":
     summarize(...), "seconds": {id: s}}``."""
     from cfrseg.data import load_case
     from cfrseg.metrics import compute_case, summarize
@@ -279,7 +355,7 @@ def evaluate_sam(
     if not cases:
         raise InputError(f"evaluate_sam: no labeled case to evaluate among roles {config.roles} of {data.name!r}")
     device = resolve_device(config.device)
-    sam, spec, _ = _load_model(config, finetuned, data, device)
+    model = _load_model(config, finetuned, data, device)
     out: dict[str, Any] = {"cases": {}, "seconds": {}}
     for i, case in enumerate(cases):
         check_cancel(cancel, "evaluate")
@@ -287,10 +363,8 @@ def evaluate_sam(
         if gt is None:
             raise InputError(f"evaluate_sam: case {case.case_id!r} has no label")
         tc = time.monotonic()
-        probs = predict_volume(sam, spec, image.array, data.num_classes, tta=config.tta, tta_count=config.tta_count,
-                               overlap=config.overlap,
-                               batch_size=config.batch_size, device=device, cancel=cancel)
-        lab, _ = probs_to_label(probs)
+        probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+        lab, _ = probs_to_label(probs, class_weights)
         out["seconds"][case.case_id] = round(time.monotonic() - tc, 2)
         out["cases"][case.case_id] = compute_case(lab, gt.array, image.spacing, data.num_classes)
         emit(progress, ProgressEvent("evaluate", i + 1, len(cases), message=case.case_id))
