@@ -34,6 +34,10 @@ def _one(args: argparse.Namespace) -> None:
     from cfrseg.retrain import RetrainConfig, evaluate_model, run_retrain
     from cfrseg.store import LocalStore
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     out = Path(args.out) / f"L{args.L}_{args.method}"
     data = manifest_from_la(args.data, args.L, holdout=args.holdout)
     prof = apply_overrides(load_profile(args.profile), args.set or [])
@@ -56,7 +60,11 @@ def _one(args: argparse.Namespace) -> None:
         run_retrain(cfg, data, store)
         ev = evaluate_model(store, data)
         res[{"none": "supervised", "mt": "MT"}.get(args.method, args.method)] = _fg(ev["summary"])
+    import torch
+
     res["wall_s"] = round(time.monotonic() - t0, 1)
+    res["threads"] = torch.get_num_threads()
+    res["overrides"] = list(args.set or [])
     res["peak_rss_mb"] = round(peak_rss_mb(), 1)
     (out / "bench_result.json").write_text(json.dumps(res, indent=2, default=str))
 
@@ -78,6 +86,7 @@ def main() -> None:
     ap.add_argument("--profile", default="lite")
     ap.add_argument("--set", action="append", help="profile override stage.key=JSON (all runs)")
     ap.add_argument("--out", default="bench/results/quality_la")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
     ap.add_argument("--one", nargs=2, metavar=("L", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
@@ -90,18 +99,19 @@ def main() -> None:
             f = Path(args.out) / f"L{L}_{m}" / "bench_result.json"
             if not f.is_file():
                 cmd = [sys.executable, __file__, "--one", str(L), m, "--data", args.data, "--holdout",
-                       str(args.holdout), "--profile", args.profile, "--out", args.out, "--ssl", args.ssl]
+                       str(args.holdout), "--profile", args.profile, "--out", args.out, "--ssl", args.ssl,
+                       "--threads", str(args.threads)]
                 for s in args.set or []:
                     cmd += ["--set", s]
                 print(f"== L={L} {m}: {' '.join(cmd[2:])}", flush=True)
                 subprocess.run(cmd, check=True)
             rows.append(json.loads(f.read_text()))
-    print("\n| L | model | Dice | Jaccard | ASD (mm) | HD95 (mm) | wall (s) | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| L | model | Dice | Jaccard | ASD (mm) | HD95 (mm) | wall (s) | peak RSS (MB) | threads |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         models = [k for k in r if k in ("supervised", "MT", "CFR_FT", "pseudo_labels") or k.startswith("CFR_")]
         for k in models:
-            print(f"| {r['L']} | {k} | {_fmt(r[k])} | {r['wall_s']} | {r['peak_rss_mb']} |")
+            print(f"| {r['L']} | {k} | {_fmt(r[k])} | {r['wall_s']} | {r['peak_rss_mb']} | {r.get('threads', '?')} |")
     p = write_json("quality_la", {"profile": args.profile, "holdout": args.holdout, "runs": rows})
     print(f"\nwrote {p}")
 
