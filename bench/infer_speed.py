@@ -63,6 +63,18 @@ def reference_style(net: torch.nn.Module, image: np.ndarray, patch, stride, num_
     return score_map
 
 
+def window_gflop(net: torch.nn.Module, patch) -> float:
+    """GFLOP of one forward pass of ``net`` on one window (counted on the meta device: nothing runs)."""
+    import copy
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    m = copy.deepcopy(net).to("meta").eval()
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        m(torch.empty((1, 1, *patch), device="meta"))
+    return fc.get_total_flops() / 1e9
+
+
 def crop_to_windows(image: np.ndarray, patch, stride, max_windows: int | None) -> np.ndarray:
     """Centre-crop so the grid has at most ``max_windows`` windows (dropping windows on the longest axis)."""
     if not max_windows:
@@ -102,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         help="time each method this many times, alternating the order (ref, cfrseg, cfrseg, ref, ...), "
         "and report the fastest run of each (the CPU is shared)",
     )
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time cfrseg under torch.autocast(cpu, bfloat16) (AVX512-BF16/AMX CPUs)")
     ap.add_argument("--name", default="infer_speed", help="results file name (bench/results/<name>.json)")
     args = ap.parse_args(argv)
     if not args.data or not (Path(args.data) / "train.list").is_file():
@@ -147,7 +161,14 @@ def main(argv: list[str] | None = None) -> int:
         with Timer() as t:
             p_alt = run_fast(alt)
         times["alt"].append(t.seconds)
+    if args.bf16:
+        times["bf16"] = []
+        for _ in range(max(1, args.repeats)):
+            with Timer() as t, torch.autocast("cpu", dtype=torch.bfloat16):
+                p_bf16 = run_fast(stride)
+            times["bf16"].append(t.seconds)
     t_ref, t_fast, t_alt = (min(times[k]) for k in ("ref", "fast", "alt"))
+    gflop = window_gflop(net, patch)
     rss_fast, rss_ref = rss["fast"], rss["ref"]
 
     lab_ref, lab_fast, lab_alt = (p.argmax(0) == 1 for p in (p_ref, p_fast, p_alt))
@@ -183,7 +204,17 @@ def main(argv: list[str] | None = None) -> int:
             "max_abs_prob_diff": float(np.abs(p_alt - p_ref).max()),
         },
     ]
-    table = [["method", "stride", "windows", "seconds", "s/window", "speed-up", "Dice vs ref", "max |dp|"]]
+    if args.bf16:
+        t_bf = min(times["bf16"])
+        lab_bf = p_bf16.argmax(0) == 1
+        rows.append({"method": f"cfrseg sliding_window (batch {args.batch_size}), bf16 autocast", "stride": stride,
+                     "windows": n_win, "seconds": t_bf, "all_seconds": times["bf16"], "speedup": t_ref / t_bf,
+                     "dice_vs_reference": dice(lab_bf, lab_ref),
+                     "max_abs_prob_diff": float(np.abs(p_bf16 - p_ref).max())})
+    for r in rows:
+        r["gflop_per_s"] = gflop * r["windows"] / r["seconds"]
+    table = [["method", "stride", "windows", "seconds", "s/window", "GFLOP/s", "speed-up", "Dice vs ref",
+              "max |dp|"]]
     for r in rows:
         table.append(
             [
@@ -192,12 +223,14 @@ def main(argv: list[str] | None = None) -> int:
                 str(r["windows"]),
                 f"{r['seconds']:.1f}",
                 f"{r['seconds'] / r['windows']:.2f}",
+                f"{r['gflop_per_s']:.0f}",
                 f"{r['speedup']:.2f}x",
                 f"{r['dice_vs_reference']:.5f}",
                 f"{r['max_abs_prob_diff']:.1e}",
             ]
         )
     print(format_rows(table))
+    print(f"one window: {gflop:.1f} GFLOP (torch.utils.flop_counter); {torch.get_num_threads()} threads")
     if args.repeats > 1:
         print("all runs (s): " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in times.items()))
     print(
@@ -217,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
             "max_windows": args.max_windows,
             "repeats": args.repeats,
             "rows": rows,
+            "gflop_per_window": gflop,
+            "threads": torch.get_num_threads(),
             "foreground_voxels_reference": int(lab_ref.sum()),
             "peak_rss_mb": {"start": rss0, "after_cfrseg": rss_fast, "after_reference_style": rss_ref},
             "target": {"speedup": 5.0, "dice": 0.999},

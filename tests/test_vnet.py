@@ -66,3 +66,27 @@ def test_registry() -> None:
         build_network("unet", 1, 2)
     with pytest.raises(ConfigError, match="n_filter"):
         build_network("vnet", 1, 2, n_filter=8)
+
+
+def test_fold_batchnorm_is_exact_and_leaves_the_model_alone():
+    from cfrseg.models.fuse import fold_batchnorm
+
+    torch.manual_seed(0)
+    net = VNet(n_filters=4, num_classes=3)
+    # non-trivial running statistics and affine parameters, as after training
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused, n = fold_batchnorm(net)
+    assert n == sum(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules()) == 29
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in fused.modules())
+    x = torch.randn(2, 1, 32, 32, 16)
+    with torch.no_grad():
+        ref, out = net(x), fused(x)
+    assert torch.allclose(ref, out, atol=1e-4, rtol=1e-4), float((ref - out).abs().max())
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

@@ -69,6 +69,10 @@ class VNet(nn.Module):
     Dropout3d(0.5) is applied to the bottleneck features and to the last decoder features (train mode only).
     """
 
+    # every BatchNorm directly follows its convolution inside an nn.Sequential, so inference may fold it
+    # (cfrseg.models.fuse.fold_batchnorm)
+    bn_foldable = True
+
     def __init__(
         self,
         in_channels: int = 1,
