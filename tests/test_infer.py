@@ -220,3 +220,18 @@ def test_load_errors(tmp_path) -> None:
         load_model(tmp_path)
     with pytest.raises(ConfigError, match="teacher"):
         save_model(tmp_path / "x.pt", network="tiny", num_classes=2, student=tiny(), evaluate="teacher")
+
+
+def test_bf16_precision_runs_and_stays_close():
+    torch.manual_seed(0)
+    net = build_network("vnet", 1, 2, n_filters=4).eval()
+    img = torch.randn(1, 40, 36, 20)
+    ref = sliding_window(net, img, (32, 32, 16), (16, 16, 8), 2)
+    bf = sliding_window(net, img, (32, 32, 16), (16, 16, 8), 2, precision="bf16")
+    assert bf.dtype == torch.float32 and bf.shape == ref.shape
+    assert float((bf - ref).abs().max()) < 0.05
+    assert not torch.equal(bf, ref)      # bf16 really ran
+    with pytest.raises(InputError, match="precision"):
+        sliding_window(net, img, (32, 32, 16), (16, 16, 8), 2, precision="fp8")
+    with pytest.raises(ConfigError, match="precision"):
+        InferConfig(precision="half")

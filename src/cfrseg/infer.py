@@ -34,6 +34,7 @@ Triple = tuple[int, int, int]
 MODEL_FILE = "model.pt"
 DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore"}
 NORMALIZE = ("zscore", "none")
+PRECISIONS = ("fp32", "bf16")
 _ARTIFACT_KEYS = (
     "network",
     "network_kwargs",
@@ -56,6 +57,8 @@ class InferConfig(ConfigBase):
     gaussian: bool = False
     largest_component: bool = False
     device: str = "auto"
+    precision: str = "fp32"   # fp32 | bf16 (autocast; ~3.4x faster on AVX512-BF16 CPUs, argmax agrees at
+                              # Dice ~0.998 rather than 1.0: bench/infer_speed.py --bf16)
 
     def validate(self) -> None:
         for name in ("patch", "stride"):
@@ -69,6 +72,7 @@ class InferConfig(ConfigBase):
             f"infer.stride {self.stride} must not exceed infer.patch {self.patch} (windows would leave gaps)",
         )
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "infer.batch_size must be >= 1")
+        require(self.precision in PRECISIONS, f"infer.precision must be one of {list(PRECISIONS)}, got {self.precision!r}")
         require(
             isinstance(self.device, str) and bool(self.device),
             "infer.device must be 'auto', 'cpu', 'cuda'...",
@@ -154,6 +158,7 @@ def sliding_window(
     device: str | torch.device | None = None,
     channels_last: bool | None = None,
     fold_bn: bool = True,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Softmax probabilities (K, X, Y, Z) of ``model`` over a whole image (C, X, Y, Z) (or (X, Y, Z)).
 
@@ -167,6 +172,7 @@ def sliding_window(
     about 1.3-1.5x faster on CPU; the numbers agree with the default layout to float rounding (~1e-7).
     ``fold_bn`` (default on) folds BatchNorm into the preceding convolutions of networks that declare
     ``bn_foldable`` (:func:`cfrseg.models.fuse.fold_batchnorm`; same numbers to float rounding).
+    ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32).
     """
     if len(patch) != 3 or len(stride) != 3 or min(*patch, *stride) < 1:
         raise InputError(
@@ -210,7 +216,10 @@ def sliding_window(
         net = (copy.deepcopy(net) if net is model else net).to(memory_format=torch.channels_last_3d)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     try:
-        with torch.inference_mode():
+        if precision not in PRECISIONS:
+            raise InputError(f"sliding_window: precision must be one of {list(PRECISIONS)}, got {precision!r}")
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.inference_mode(), amp:
             for i in range(0, len(corners), batch_size):
                 chunk = corners[i : i + batch_size]
                 batch = torch.stack([img[:, x : x + px, y : y + py, z : z + pz] for x, y, z in chunk])
@@ -291,7 +300,8 @@ def predict_probabilities(
     img = torch.from_numpy(np.ascontiguousarray(arr))[None].to(dev)
     img = resize(img, zoomed_shape(volume.shape, pre["zoom"]))
     probs = sliding_window(
-        model, img, infer_cfg.patch, infer_cfg.stride, k, infer_cfg.batch_size, infer_cfg.gaussian, dev
+        model, img, infer_cfg.patch, infer_cfg.stride, k, infer_cfg.batch_size, infer_cfg.gaussian, dev,
+        precision=infer_cfg.precision
     )
     return resize(probs, volume.shape)
 
