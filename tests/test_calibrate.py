@@ -93,7 +93,8 @@ def test_config_rejects_unknown_calibration():
 @pytest.mark.la
 def test_stage_fits_once_matches_the_prior_and_refuses_mixed_stores(la_small, tmp_path):  # noqa: F811
     m, ft = la_small
-    cfg = PseudolabelConfig(calibration="prior", calibration_cases=2, calibration_voxels=20_000)
+    cfg = PseudolabelConfig(calibration="prior", calibration_cases=2, calibration_voxels=20_000,
+                            calibration_min_labeled=1)
     out = LocalStore(tmp_path / "pl")
     res = run_pseudolabel(cfg, m, out, finetuned=ft)
     cal = json.loads(out.get_bytes("calibration.json"))
@@ -116,3 +117,15 @@ def test_stage_fits_once_matches_the_prior_and_refuses_mixed_stores(la_small, tm
     # SAM alone, scored with and without the weights: both valid, on the same case
     ev = evaluate_sam(PseudolabelConfig(roles=("labeled",)), m, ft, class_weights=res.class_weights)
     assert list(ev["cases"]) == [m.labeled[0].case_id]
+
+
+@pytest.mark.la
+def test_too_few_labeled_volumes_keep_the_argmax(la_small, tmp_path):  # noqa: F811
+    m, ft = la_small                                   # one labeled case
+    res = run_pseudolabel(PseudolabelConfig(calibration="prior"), m, LocalStore(tmp_path / "pl"), finetuned=ft)
+    plain = run_pseudolabel(PseudolabelConfig(), m, LocalStore(tmp_path / "plain"), finetuned=ft)
+    assert res.class_weights is None and "calibration_min_labeled" in res.calibration["reason"]
+    from cfrseg.io import read_volume
+
+    for cid in res.paths:
+        assert np.array_equal(read_volume(res.paths[cid]).array, read_volume(plain.paths[cid]).array)
