@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         "and report the fastest run of each (the CPU is shared)",
     )
     ap.add_argument("--bf16", action="store_true",
-                    help="also time cfrseg under torch.autocast(cpu, bfloat16) (AVX512-BF16/AMX CPUs)")
+                    help="also time cfrseg with precision='bf16' (autocast; AVX512-BF16/AMX CPUs)")
     ap.add_argument("--name", default="infer_speed", help="results file name (bench/results/<name>.json)")
     args = ap.parse_args(argv)
     if not args.data or not (Path(args.data) / "train.list").is_file():
@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{n_alt} at {alt}; {torch.get_num_threads()} threads"
     )
 
-    def run_fast(st):
-        return sliding_window(net, image, patch, st, 2, batch_size=args.batch_size).cpu().numpy()
+    def run_fast(st, precision="fp32"):
+        return sliding_window(net, image, patch, st, 2, batch_size=args.batch_size,
+                              precision=precision).cpu().numpy()
 
     rss0 = peak_rss_mb()
     times: dict[str, list[float]] = {"ref": [], "fast": [], "alt": []}
@@ -164,8 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.bf16:
         times["bf16"] = []
         for _ in range(max(1, args.repeats)):
-            with Timer() as t, torch.autocast("cpu", dtype=torch.bfloat16):
-                p_bf16 = run_fast(stride)
+            with Timer() as t:
+                p_bf16 = run_fast(stride, "bf16")
             times["bf16"].append(t.seconds)
     t_ref, t_fast, t_alt = (min(times[k]) for k in ("ref", "fast", "alt"))
     gflop = window_gflop(net, patch)

@@ -61,9 +61,9 @@ def fit_class_weights(samples: torch.Tensor, prior: Sequence[float], iterations:
         target = float(pri[1])
         if target <= 0.0:
             return [1.0, 1.0]
-        # foreground where p1 > t, with t such that the foreground fraction is `target`
-        t = float(torch.quantile(p[:, 1], 1.0 - target)) if p.shape[0] <= 16_000_000 else float(
-            p[:, 1].sort().values[int((1.0 - target) * (p.shape[0] - 1))])
+        # foreground where p1 > t: t is the k-th smallest p1, k = the number of background voxels wanted
+        k_bg = min(max(int(round((1.0 - target) * p.shape[0])), 1), p.shape[0])
+        t = float(p[:, 1].kthvalue(k_bg).values)
         t = min(max(t, EPS), 1.0 - EPS)
         return [1.0, (1.0 - t) / t]
     logp, logw = p.log(), torch.zeros(k, dtype=torch.float64)

@@ -57,7 +57,7 @@ class InferConfig(ConfigBase):
     gaussian: bool = False
     largest_component: bool = False
     device: str = "auto"
-    precision: str = "fp32"   # fp32 | bf16 (autocast; ~3.4x faster on AVX512-BF16 CPUs, argmax agrees at
+    precision: str = "fp32"   # fp32 | bf16 (autocast; ~2.2x faster than fp32 on AVX512-BF16 CPUs, argmax agrees at
                               # Dice ~0.998 rather than 1.0: bench/infer_speed.py --bf16)
 
     def validate(self) -> None:
@@ -184,6 +184,8 @@ def sliding_window(
         )
     if batch_size < 1:
         raise InputError(f"sliding_window: batch_size must be >= 1, got {batch_size}")
+    if precision not in PRECISIONS:
+        raise InputError(f"sliding_window: precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if device is None:
         param = next(model.parameters(), None)
         dev = param.device if param is not None else torch.device("cpu")
@@ -216,8 +218,6 @@ def sliding_window(
         net = (copy.deepcopy(net) if net is model else net).to(memory_format=torch.channels_last_3d)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     try:
-        if precision not in PRECISIONS:
-            raise InputError(f"sliding_window: precision must be one of {list(PRECISIONS)}, got {precision!r}")
         amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
         with torch.inference_mode(), amp:
             for i in range(0, len(corners), batch_size):
