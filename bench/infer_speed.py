@@ -1,4 +1,4 @@
-"""Sliding-window inference speed: cfrseg.infer.sliding_window vs a reference-style loop, on one real LA case.
+"""Sliding-window inference speed: cfrseg.stages.infer.sliding_window vs a reference-style loop, on one real LA case.
 
 Both methods use the same seeded, randomly initialised full-size V-Net (n_filters 16, 2 classes, eval mode),
 the same z-scored image and the same window grid. The reference-style loop re-implements the reference
@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from _common import Timer, format_rows, peak_rss_mb, write_json
 
-from cfrseg.infer import sliding_window, window_grid, zscore
 from cfrseg.models import VNet
+from cfrseg.stages.infer import sliding_window, window_grid, zscore
 
 
 def reference_style(net: torch.nn.Module, image: np.ndarray, patch, stride, num_classes: int) -> np.ndarray:

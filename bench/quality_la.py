@@ -29,9 +29,9 @@ from _common import peak_rss_mb, write_json  # noqa: E402
 def _one(args: argparse.Namespace) -> None:
     """Run one configuration in this process and write its result JSON."""
     from cfrseg.config import apply_overrides, load_profile
-    from cfrseg.data import manifest_from_la
-    from cfrseg.pipeline import PipelineConfig, _fg, run_pipeline
-    from cfrseg.retrain import RetrainConfig, evaluate_model, run_retrain
+    from cfrseg.data.datasets import manifest_from_la
+    from cfrseg.stages.pipeline import PipelineConfig, _fg, run_pipeline
+    from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
     from cfrseg.store import LocalStore
 
     if args.threads:

@@ -1,6 +1,6 @@
 """Re-training on LA with lite-like settings: compares SSL methods (default none, mt, acmt) on a held-out split.
 
-Split (cfrseg.data.manifest_from_la): the first ``--labeled`` ids of train.list are labeled (default 4), the last
+Split (cfrseg.data.datasets.manifest_from_la): the first ``--labeled`` ids of train.list are labeled (default 4), the last
 ``--holdout`` are test cases (default 16), the rest unlabeled. Each method runs in its own subprocess (so peak
 RSS is per run) with the same seed: run_retrain, then evaluate_model on the test cases (full resolution, mm).
 
@@ -53,7 +53,7 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def retrain_config(a: argparse.Namespace, ssl: str):
-    from cfrseg.retrain import RetrainConfig
+    from cfrseg.stages.retrain import RetrainConfig
 
     patch = tuple(a.patch)
     return RetrainConfig(
@@ -65,7 +65,7 @@ def retrain_config(a: argparse.Namespace, ssl: str):
 
 
 def manifest(a: argparse.Namespace):
-    from cfrseg.data import manifest_from_la
+    from cfrseg.data.datasets import manifest_from_la
 
     m = manifest_from_la(a.data, a.labeled, holdout=a.holdout)
     if a.pseudo_labels:
@@ -81,7 +81,7 @@ def run_one(a: argparse.Namespace) -> None:
     """Child process: train one method, evaluate it, write a JSON result."""
     import torch
 
-    from cfrseg.retrain import evaluate_model, run_retrain
+    from cfrseg.stages.retrain import evaluate_model, run_retrain
     from cfrseg.store import LocalStore
 
     torch.set_num_threads(a.threads)

@@ -54,9 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     from cfrseg.config import load_profile
-    from cfrseg.finetune import FinetuneConfig, run_finetune
-    from cfrseg.manifest import Case, Manifest
-    from cfrseg.pseudolabel import PseudolabelConfig, evaluate_sam
+    from cfrseg.data.manifest import Case, Manifest
+    from cfrseg.stages.finetune import FinetuneConfig, run_finetune
+    from cfrseg.stages.pseudolabel import PseudolabelConfig, evaluate_sam
     from cfrseg.store import LocalStore
 
     la = Path(args.data)

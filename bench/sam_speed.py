@@ -29,8 +29,8 @@ def one(batch: int, mode: str, threads: int, repeats: int, device: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cfrseg.models.lora import inject_lora, trainable_parameters
-    from cfrseg.models.sam import build_sam
+    from cfrseg.sam.lora import inject_lora, trainable_parameters
+    from cfrseg.sam.model import build_sam
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

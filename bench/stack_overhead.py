@@ -2,7 +2,7 @@
 
     python bench/stack_overhead.py [--la-dir DIR] [--profile tiny] [--upload-mb 100] [--repeat 1]
 
-1. In-process: ``cfrseg.pipeline.run_pipeline`` on 3 LA cases cropped to 48x48x32 (1 labeled, 1 unlabeled,
+1. In-process: ``cfrseg.stages.pipeline.run_pipeline`` on 3 LA cases cropped to 48x48x32 (1 labeled, 1 unlabeled,
    1 test) into a local folder.
 2. Through the stack (``services.stack.LocalStack``: redis-server, nanio, 4 services, worker; started before the
    clock starts): upload the 6 files, create the dataset, submit, watch until SUCCEEDED.
@@ -32,8 +32,8 @@ from _common import write_json
 
 def in_process(data: Path, profile: str, out: Path) -> float:
     from cfrseg.config import load_profile
-    from cfrseg.data import build_manifest
-    from cfrseg.pipeline import PipelineConfig, run_pipeline
+    from cfrseg.data.datasets import build_manifest
+    from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
     from cfrseg.store import LocalStore
 
     cfg = PipelineConfig.from_profile(load_profile(profile), ssl="mt", profile=profile)
@@ -61,8 +61,8 @@ def through_stack(stack, data: Path, profile: str) -> tuple[float, dict]:
 
 
 def upload_throughput(stack, mb: int, tmp: Path) -> dict:
-    from cfrseg.io import write_volume
-    from cfrseg.volume import Volume
+    from cfrseg.data.io import write_volume
+    from cfrseg.data.volume import Volume
     from services.sdk import Client, sha256_file
 
     z = max(2, int(mb * 1e6 / (256 * 256 * 4)))

@@ -43,4 +43,4 @@ if [ -f protos/cfrseg/v1/common.proto ] && [ -f scripts/gen_protos.py ]; then
   .venv/bin/python scripts/gen_protos.py --quiet
 fi
 
-.venv/bin/python -m cfrseg.weights fetch lite_medsam
+.venv/bin/python -m cfrseg.sam.weights fetch lite_medsam

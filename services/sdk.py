@@ -23,8 +23,8 @@ from typing import Any
 
 import grpc
 
+from cfrseg.sam.weights import sha256_file  # noqa: F401  (re-exported)
 from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-from cfrseg.weights import sha256_file  # noqa: F401  (re-exported)
 
 CHUNK = 1 << 20
 KINDS = {"image": gateway_pb2.VOLUME_KIND_IMAGE, "label": gateway_pb2.VOLUME_KIND_LABEL}
@@ -85,9 +85,9 @@ class Client:
     def create_dataset(self, folder: str | Path, *, name: str | None = None, num_classes: int | None = None,
                        labeled: int | Sequence[str] | None = None, holdout: int = 0, test: Sequence[str] = (),
                        request_id: str = "") -> gateway_pb2.Dataset:
-        """Upload every volume of a dataset folder (any layout :func:`cfrseg.data.build_manifest` reads, volume
+        """Upload every volume of a dataset folder (any layout :func:`cfrseg.data.datasets.build_manifest` reads, volume
         files only) and create the dataset. ``test``: case ids to hold out for evaluation (need labels)."""
-        from cfrseg.data import build_manifest
+        from cfrseg.data.datasets import build_manifest
 
         m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes)
         cases = []

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from cfrseg.data.io import read_volume, write_volume
 from cfrseg.errors import Cancelled, InputError
-from cfrseg.io import read_volume, write_volume
 from cfrseg.progress import ProgressEvent
 from cfrseg.store import get_json, put_json
 

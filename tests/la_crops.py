@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cfrseg.io import read_la_h5, write_volume
+from cfrseg.data.io import read_la_h5, write_volume
 
 
 def write_cropped_la(la_dir: Path, ids: list[str], dest: Path, size=(64, 64, 32)) -> Path:

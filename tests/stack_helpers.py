@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from cfrseg.io import write_volume
-from cfrseg.volume import Volume
+from cfrseg.data.io import write_volume
+from cfrseg.data.volume import Volume
 
 FAKE_ENV = {"CFRSEG_STAGE_IMPL": "tests.fake_stages:run", "CFRSEG_SEGMENT_IMPL": "tests.fake_stages:segment"}
 IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

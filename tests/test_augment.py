@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from cfrseg.augment import Aug, apply_aug, sample_aug, source_patch
-from cfrseg.sampling import TwoStreamSampler, crop, crop_aug
+from cfrseg.ssl.augment import Aug, apply_aug, sample_aug, source_patch
+from cfrseg.ssl.sampling import TwoStreamSampler, crop, crop_aug
 
 
 def test_identity_reachable_and_all_transforms_drawn():

@@ -1,4 +1,4 @@
-"""Prior calibration of pseudo-label probabilities (cfrseg.calibrate) and its use in the pseudo-label stage."""
+"""Prior calibration of pseudo-label probabilities (cfrseg.sam.calibrate) and its use in the pseudo-label stage."""
 
 from __future__ import annotations
 
@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cfrseg.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
 from cfrseg.errors import ConfigError, InputError
-from cfrseg.pseudolabel import PseudolabelConfig, evaluate_sam, probs_to_label, run_pseudolabel
+from cfrseg.sam.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
+from cfrseg.stages.pseudolabel import PseudolabelConfig, evaluate_sam, probs_to_label, run_pseudolabel
 from cfrseg.store import LocalStore
-
 from tests.test_pseudolabel import la_small  # noqa: F401  (module fixture: 3 real LA crops + tiny SAM)
 
 
@@ -104,7 +103,7 @@ def test_stage_fits_once_matches_the_prior_and_refuses_mixed_stores(la_small, tm
     assert cal["fractions_calibrated"][1] == pytest.approx(cal["prior"][1], abs=2e-3)
     assert cal["threshold"] == pytest.approx(1 / (1 + cal["weights"][1]))
     # the written labels use the weights: their foreground fraction is near the prior too
-    from cfrseg.io import read_volume
+    from cfrseg.data.io import read_volume
 
     fg = np.mean([float((read_volume(p).array > 0).mean()) for p in res.paths.values()])
     assert fg == pytest.approx(cal["prior"][1], rel=0.25)
@@ -125,7 +124,7 @@ def test_too_few_labeled_volumes_keep_the_argmax(la_small, tmp_path):  # noqa: F
     res = run_pseudolabel(PseudolabelConfig(calibration="prior"), m, LocalStore(tmp_path / "pl"), finetuned=ft)
     plain = run_pseudolabel(PseudolabelConfig(), m, LocalStore(tmp_path / "plain"), finetuned=ft)
     assert res.class_weights is None and "calibration_min_labeled" in res.calibration["reason"]
-    from cfrseg.io import read_volume
+    from cfrseg.data.io import read_volume
 
     for cid in res.paths:
         assert np.array_equal(read_volume(res.paths[cid]).array, read_volume(plain.paths[cid]).array)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cfrseg.concat import (
+from cfrseg.errors import InputError
+from cfrseg.sam.concat import (
     apply_curves,
     bezier_curves,
     from_mosaic,
@@ -20,7 +21,6 @@ from cfrseg.concat import (
     undo_rot_flip,
     validity_mask,
 )
-from cfrseg.errors import InputError
 
 
 def _labels(shape, k=3, seed=0):

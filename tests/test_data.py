@@ -1,4 +1,4 @@
-"""cfrseg.data / cfrseg.la: manifest builders, layout detection, the validating loader, the LA downloader."""
+"""cfrseg.data.datasets / cfrseg.data.la: manifest builders, layout detection, the validating loader, the LA downloader."""
 
 from __future__ import annotations
 
@@ -12,12 +12,21 @@ import h5py
 import numpy as np
 import pytest
 
-from cfrseg.data import (build_manifest, detect_layout, fetch_la2018, load_case, load_pseudo_label,
-                         manifest_from_folders, manifest_from_la, manifest_from_la_test, manifest_from_nnunet)
+from cfrseg.data.datasets import (
+    build_manifest,
+    detect_layout,
+    fetch_la2018,
+    load_case,
+    load_pseudo_label,
+    manifest_from_folders,
+    manifest_from_la,
+    manifest_from_la_test,
+    manifest_from_nnunet,
+)
+from cfrseg.data.io import write_volume
+from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.volume import Volume
 from cfrseg.errors import InputError
-from cfrseg.io import write_volume
-from cfrseg.manifest import Case, Manifest
-from cfrseg.volume import Volume
 
 SHAPE = (8, 7, 6)
 SP = (0.8, 0.8, 2.0)

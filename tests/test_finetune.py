@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfrseg import concat
+from cfrseg.data.manifest import Case, Manifest
 from cfrseg.errors import Cancelled, ConfigError, InputError, NotFoundError
-from cfrseg.finetune import FinetuneConfig, load_finetuned, read_artifact, run_finetune
-from cfrseg.losses2d import masked_ce_dice
-from cfrseg.manifest import Case, Manifest
-from cfrseg.sam_data import MosaicSpec, make_batch, orient, orientation_family, prepare_volume, unorient
+from cfrseg.sam import concat
+from cfrseg.sam.losses import masked_ce_dice
+from cfrseg.sam.mosaic import MosaicSpec, make_batch, orient, orientation_family, prepare_volume, unorient
+from cfrseg.stages.finetune import FinetuneConfig, load_finetuned, read_artifact, run_finetune
 from cfrseg.store import LocalStore, get_json
 
 # tiny SAM (random ViT, 128 px): LA zoomed x0.25 -> ~(46, 35, 22); windows 30x30x16 on a 4x4 grid of 32 px
@@ -186,7 +186,7 @@ def test_resume_is_bit_exact(la_dir, la_ids, tmp_path):
 
 @pytest.mark.la
 def test_artifact_small_and_reloads_on_base(la_dir, la_ids, tmp_path):
-    from cfrseg.models.sam import build_base_sam
+    from cfrseg.sam.model import build_base_sam
 
     base, _ = build_base_sam("tiny", image_size=128)
     ck = tmp_path / "tiny_base.pth"
@@ -204,14 +204,14 @@ def test_artifact_small_and_reloads_on_base(la_dir, la_ids, tmp_path):
     ckpt = torch.load(store.path("checkpoint.pt"), weights_only=False)
     sam = load_finetuned(store)
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
-    from cfrseg.finetune import build_model, load_trainable_state
+    from cfrseg.stages.finetune import build_model, load_trainable_state
 
     ref = build_model("tiny", 2, ck, 128, lora_rank=4, lora_alpha=4.0, lora_dropout=0.0)
     load_trainable_state(ref, ckpt["trainable"])
     ref.eval()
     with torch.no_grad():
         assert torch.equal(sam(x), ref(x))
-        from cfrseg.models.lora import merge_lora
+        from cfrseg.sam.lora import merge_lora
 
         assert torch.allclose(merge_lora(sam)(x), ref(x), atol=1e-4)
 
@@ -248,7 +248,7 @@ def test_cache_mode_config_checks():
 
 @pytest.mark.la
 def test_cache_mode_trains_reloads_predicts_and_resumes(la_dir, la_ids, tmp_path):
-    from cfrseg.pseudolabel import predict_volume
+    from cfrseg.stages.pseudolabel import predict_volume
 
     m = la_manifest(la_dir, la_ids, 2)
     cfg = FinetuneConfig(**dict(TINY, lora_rank=0, embedding_cache=3, iterations=30, lr=5e-3, foreground_prob=0.5))
@@ -260,7 +260,7 @@ def test_cache_mode_trains_reloads_predicts_and_resumes(la_dir, la_ids, tmp_path
     art = read_artifact(tmp_path / "full")
     assert art["lora"]["rank"] == 0 and not any("image_encoder" in k for k in art["delta"])
     sam = load_finetuned(tmp_path / "full")
-    from cfrseg.data import load_case
+    from cfrseg.data.datasets import load_case
 
     img, _ = load_case(m.cases[0], m)
     probs = predict_volume(sam, sam.cfr_spec, img.array, 2, batch_size=4)

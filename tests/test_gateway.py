@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from cfrseg.io import write_volume
+from cfrseg.data.io import write_volume
 from services.gen.cfrseg.v1 import common_pb2, finetune_pb2_grpc, gateway_pb2
 from services.sdk import Client, state_name
 from tests.stack_helpers import cleanup, dump_logs, label_of, make_dataset, start_stack, volume

@@ -10,8 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, InputError, NotFoundError
-from cfrseg.infer import (
+from cfrseg.models import build_network
+from cfrseg.stages.infer import (
     InferConfig,
     largest_component,
     load_model,
@@ -20,8 +22,6 @@ from cfrseg.infer import (
     sliding_window,
     window_grid,
 )
-from cfrseg.models import build_network
-from cfrseg.volume import Volume
 
 
 def tiny(k: int = 2, seed: int = 0) -> nn.Module:

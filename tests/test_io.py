@@ -1,4 +1,4 @@
-"""cfrseg.io: geometry round trips for every format, the LA reader on real data, and bad input."""
+"""cfrseg.data.io: geometry round trips for every format, the LA reader on real data, and bad input."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from cfrseg.data.io import (
+    LA_SPACING,
+    list_dicom_series,
+    read_la_h5,
+    read_volume,
+    write_dicom_series,
+    write_volume,
+)
+from cfrseg.data.volume import IDENTITY, Volume
 from cfrseg.errors import InputError
-from cfrseg.io import (LA_SPACING, list_dicom_series, read_la_h5, read_volume, write_dicom_series,
-                       write_volume)
-from cfrseg.volume import IDENTITY, Volume
 
 
 def rotation(ax: float, ay: float, az: float) -> tuple[float, ...]:

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from cfrseg.errors import ConfigError, InputError
-from cfrseg.models.lora import (
+from cfrseg.sam.lora import (
     SplitQKV,
     inject_lora,
     load_lora_state_dict,
@@ -16,7 +16,7 @@ from cfrseg.models.lora import (
     merge_lora,
     trainable_parameters,
 )
-from cfrseg.models.sam import build_sam
+from cfrseg.sam.model import build_sam
 
 
 def _model(name, k=3, seed=0):

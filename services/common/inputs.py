@@ -8,8 +8,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from cfrseg.data.manifest import Manifest
 from cfrseg.errors import InputError
-from cfrseg.manifest import Manifest
 from services.common.s3store import S3Store
 
 

@@ -20,9 +20,9 @@ from minio import Minio
 from minio.error import S3Error
 
 from cfrseg.errors import NotFoundError
+from cfrseg.sam.weights import sha256_file  # noqa: F401  (re-exported)
 from cfrseg.store import check_key
 from services.common.settings import Settings
-from cfrseg.weights import sha256_file  # noqa: F401  (re-exported)
 
 CHUNK = 1 << 20          # streaming chunk size (1 MiB: also the gRPC chunk size)
 PART = 16 << 20          # multipart part size for streams of unknown length

@@ -29,8 +29,8 @@ from typing import Any, Callable, Iterator
 
 import grpc
 
+from cfrseg.data.manifest import Manifest
 from cfrseg.errors import Cancelled, ConfigError
-from cfrseg.manifest import Manifest
 from cfrseg.progress import ProgressEvent
 from cfrseg.store import Store, check_key
 from services.common import convert

@@ -1,1 +1,1 @@
-"""The finetune stage service: ``python -m services.finetune --port N`` (core: cfrseg.finetune.run_finetune)."""
+"""The finetune stage service: ``python -m services.finetune --port N`` (core: cfrseg.stages.finetune.run_finetune)."""

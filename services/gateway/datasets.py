@@ -1,7 +1,7 @@
 """Datasets: validated sets of uploaded volumes with roles, stored as ``datasets/{dataset_id}/manifest.json`` (a
 cfrseg manifest whose file fields are object keys) and ``datasets/{dataset_id}/dataset.json`` (the API message).
 
-Validation downloads the files to a temp folder and runs the core's checks (:func:`cfrseg.data.load_case`:
+Validation downloads the files to a temp folder and runs the core's checks (:func:`cfrseg.data.datasets.load_case`:
 readable 3D images with finite values, label geometry equal to the image's, integer label values in
 ``[0, num_classes)``, foreground in labeled cases). Messages name the case and the uploaded file, never the
 temp path.
@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from cfrseg.data.manifest import Case, Manifest
 from cfrseg.errors import InputError, NotFoundError
-from cfrseg.manifest import Case, Manifest
 from services.common import convert
 from services.common.errors import ServiceError
 from services.common.jobstore import JobStore
@@ -122,7 +122,7 @@ class Datasets:
         return out
 
     def _create(self, req: gateway_pb2.CreateDatasetRequest) -> gateway_pb2.Dataset:
-        from cfrseg.data import load_case
+        from cfrseg.data.datasets import load_case
 
         cases = self._check_request(req)
         ups = {}

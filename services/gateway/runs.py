@@ -60,7 +60,7 @@ def resolve_configs(profile: str, ssl_method: str, overrides_json: str) -> dict[
         for sec, vals in over.items():
             prof[sec] = {**prof.get(sec, {}), **vals}
     try:
-        from cfrseg.pipeline import PipelineConfig
+        from cfrseg.stages.pipeline import PipelineConfig
     except ImportError:  # the pipeline module is optional for the services: validate section by section
         return _sections(prof, ssl_method)
     cfg = PipelineConfig.from_profile(prof, ssl=ssl_method)

@@ -88,7 +88,7 @@ def receive_chunks(chunks: Iterator[bytes], dest: Path, filename: str, size: int
 
 def check_volume(path: Path, filename: str) -> dict:
     """The core's reader: a readable, complete, 3D scalar volume. Returns its geometry for the metadata."""
-    from cfrseg.io import read_volume
+    from cfrseg.data.io import read_volume
 
     try:
         v = read_volume(path)

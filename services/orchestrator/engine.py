@@ -206,7 +206,7 @@ def _manifest_case(rec: Record, env: Env, case_id: str) -> dict[str, Any]:
 
 
 def _score(env: Env, rec: Record, case: dict[str, Any], pred_key: str) -> dict[str, list[float]]:
-    from cfrseg.io import read_volume
+    from cfrseg.data.io import read_volume
     from cfrseg.metrics import compute_case
 
     with tempfile.TemporaryDirectory(dir=env.tmp_dir, prefix="cfrseg-eval-") as d:
@@ -220,7 +220,7 @@ def _score(env: Env, rec: Record, case: dict[str, Any], pred_key: str) -> dict[s
 
 
 def _suffix(key: str) -> str:
-    from cfrseg.io import volume_suffix
+    from cfrseg.data.io import volume_suffix
 
     return volume_suffix(key) or ".nii.gz"
 

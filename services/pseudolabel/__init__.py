@@ -1,2 +1,2 @@
 """The pseudolabel stage service: ``python -m services.pseudolabel --port N``
-(core: cfrseg.pseudolabel.run_pseudolabel)."""
+(core: cfrseg.stages.pseudolabel.run_pseudolabel)."""

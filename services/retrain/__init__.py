@@ -1,2 +1,2 @@
-"""The retrain stage service: ``python -m services.retrain --port N`` (core: cfrseg.retrain.run_retrain), which
+"""The retrain stage service: ``python -m services.retrain --port N`` (core: cfrseg.stages.retrain.run_retrain), which
 also segments volumes with a trained model (Segment)."""

@@ -1,4 +1,4 @@
-"""Adapters to the core: ``cfrseg.retrain.run_retrain`` (imported lazily) and segmentation with a model.
+"""Adapters to the core: ``cfrseg.stages.retrain.run_retrain`` (imported lazily) and segmentation with a model.
 
 Input ``pseudo_labels``: prefix of the pseudo-label files (``runs/{run_id}/pseudolabel/labels/``), named
 ``{case_id}.nii.gz``; they are downloaded and set as the unlabeled cases' ``pseudo_label``.
@@ -29,15 +29,15 @@ def run(ctx: StageContext) -> Any:
         src = ctx.inputs["pseudo_labels"]
         files = fetch_prefix(src, "", ctx.workdir / "pseudo_labels")
         manifest = manifest.with_pseudo_labels({case_id_of(Path(k).name): p for k, p in files.items()})
-    core = importlib.import_module("cfrseg.retrain")
+    core = importlib.import_module("cfrseg.stages.retrain")
     cfg = stage_config(core.RetrainConfig, ctx)
     return core.run_retrain(cfg, manifest, ctx.store, progress=ctx.progress, cancel=ctx.cancel)
 
 
 def segment(model_dir: Path, image: Path, out: Path, overrides: dict[str, Any], device: str) -> dict[str, Any]:
     """Segment ``image`` with the model in ``model_dir`` (``model.pt``) and write the label map to ``out``."""
-    infer = importlib.import_module("cfrseg.infer")
-    cio = importlib.import_module("cfrseg.io")
+    infer = importlib.import_module("cfrseg.stages.infer")
+    cio = importlib.import_module("cfrseg.data.io")
     model, meta = infer.load_model(model_dir, device or "auto")
     cfg = infer.InferConfig.from_dict({**(meta.get("infer") or {}), **overrides})
     label = infer.segment_volume(model, cio.read_volume(image), cfg, meta.get("preprocess"))

@@ -33,7 +33,7 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _manifest(args: argparse.Namespace):
-    from cfrseg.data import build_manifest
+    from cfrseg.data.datasets import build_manifest
 
     return build_manifest(args.data, labeled=args.labeled, holdout=args.holdout, limit=args.limit)
 
@@ -46,7 +46,7 @@ def _profile(args: argparse.Namespace) -> dict:
 
 def retrain_cmd(args: argparse.Namespace) -> int:
     from cfrseg.cli_progress import Bars
-    from cfrseg.retrain import RetrainConfig, run_retrain
+    from cfrseg.stages.retrain import RetrainConfig, run_retrain
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
@@ -88,9 +88,9 @@ def _attach_pseudo_labels(data, folder: Path):
 def segment_cmd(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from cfrseg.data.io import read_volume, write_volume
     from cfrseg.errors import InputError
-    from cfrseg.infer import InferConfig, load_model, segment_volume
-    from cfrseg.io import read_volume, write_volume
+    from cfrseg.stages.infer import InferConfig, load_model, segment_volume
 
     model, meta = load_model(args.model, device=args.device)
     icfg = InferConfig.from_dict(dict(meta.get("infer", {}), device=args.device))
@@ -132,14 +132,14 @@ def _stem(p: Path) -> str:
 
 def _read_any(path: Path, read_volume: Callable):
     if path.suffix == ".h5":
-        from cfrseg.io import read_la_h5
+        from cfrseg.data.io import read_la_h5
 
         return read_la_h5(path, "image")
     return read_volume(path)
 
 
 def evaluate_cmd(args: argparse.Namespace) -> int:
-    from cfrseg.evaluate import evaluate_folders
+    from cfrseg.stages.evaluate import evaluate_folders
 
     summary = evaluate_folders(args.pred, args.gt, num_classes=args.num_classes, json_path=args.json)
     print(summary["table"])
@@ -150,7 +150,7 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
 
 def run_cmd(args: argparse.Namespace) -> int:
     from cfrseg.cli_progress import Bars
-    from cfrseg.pipeline import PipelineConfig, run_pipeline
+    from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
@@ -159,7 +159,7 @@ def run_cmd(args: argparse.Namespace) -> int:
     data = _manifest(args)
     test = None
     if args.test_data:
-        from cfrseg.data import manifest_from_la_test
+        from cfrseg.data.datasets import manifest_from_la_test
 
         test = manifest_from_la_test(args.test_data)
     bars = Bars()
@@ -172,7 +172,7 @@ def run_cmd(args: argparse.Namespace) -> int:
 
 def finetune_cmd(args: argparse.Namespace) -> int:
     from cfrseg.cli_progress import Bars
-    from cfrseg.finetune import FinetuneConfig, run_finetune
+    from cfrseg.stages.finetune import FinetuneConfig, run_finetune
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
@@ -189,7 +189,7 @@ def finetune_cmd(args: argparse.Namespace) -> int:
 
 def pseudolabel_cmd(args: argparse.Namespace) -> int:
     from cfrseg.cli_progress import Bars
-    from cfrseg.pseudolabel import PseudolabelConfig, run_pseudolabel
+    from cfrseg.stages.pseudolabel import PseudolabelConfig, run_pseudolabel
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
@@ -203,7 +203,7 @@ def pseudolabel_cmd(args: argparse.Namespace) -> int:
 
 
 def data_fetch_cmd(args: argparse.Namespace) -> int:
-    from cfrseg.data import fetch_la2018
+    from cfrseg.data.datasets import fetch_la2018
 
     if args.dataset != "la2018":
         from cfrseg.errors import InputError
@@ -215,7 +215,7 @@ def data_fetch_cmd(args: argparse.Namespace) -> int:
 
 
 def weights_fetch_cmd(args: argparse.Namespace) -> int:
-    from cfrseg.weights import fetch
+    from cfrseg.sam.weights import fetch
 
     print(fetch(args.name))
     return 0

@@ -1,4 +1,7 @@
-"""3D networks (V-Net) and their registry. SAM-side models live in sibling modules owned by the SAM stages."""
+"""3D networks (V-Net), their registry, and inference-time BatchNorm folding.
+
+SAM-side models are in :mod:`cfrseg.sam`.
+"""
 
 from cfrseg.models.registry import NETWORKS, build_network
 from cfrseg.models.vnet import VNet

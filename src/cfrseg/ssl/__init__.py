@@ -1,4 +1,5 @@
-"""Semi-supervised learning pieces of the re-training stage: losses, ramps, EMA teacher and the SSL methods."""
+"""Semi-supervised learning pieces of the re-training stage: losses, ramps, EMA teacher, the SSL methods, and
+the two-stream (labeled + unlabeled) patch sampling with its augmentations (``sampling``, ``augment``)."""
 
 from cfrseg.ssl.ema import update_ema
 from cfrseg.ssl.methods import METHODS, SSLMethod, build_method

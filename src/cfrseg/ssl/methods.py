@@ -41,7 +41,7 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class SSLParams:
-    """Hyper-parameters of the methods (filled from :class:`cfrseg.retrain.RetrainConfig`)."""
+    """Hyper-parameters of the methods (filled from :class:`cfrseg.stages.retrain.RetrainConfig`)."""
 
     iterations: int
     num_classes: int = 2

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cfrseg.data.io import LA_SPACING
+from cfrseg.data.manifest import Case, Manifest
 from cfrseg.errors import InputError
-from cfrseg.io import LA_SPACING
-from cfrseg.manifest import Case, Manifest
 
 LA_FILE = "mri_norm2.h5"
 LA_NAME = "la2018"

@@ -17,13 +17,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cfrseg.data.manifest import Case, Manifest
 from cfrseg.errors import ConfigError, InputError
-from cfrseg.evaluate import _clean
-from cfrseg.finetune import FinetuneConfig, run_finetune
-from cfrseg.manifest import Case, Manifest
 from cfrseg.progress import CancelFlag, ProgressEvent, ProgressFn, emit
-from cfrseg.pseudolabel import PseudolabelConfig, evaluate_sam, run_pseudolabel
-from cfrseg.retrain import RetrainConfig, evaluate_model, run_retrain
+from cfrseg.stages.evaluate import _clean
+from cfrseg.stages.finetune import FinetuneConfig, run_finetune
+from cfrseg.stages.pseudolabel import PseudolabelConfig, evaluate_sam, run_pseudolabel
+from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
 from cfrseg.store import LocalStore, Store, get_json, put_json
 
 STAGES = ("finetune", "pseudolabel", "retrain")
@@ -201,7 +201,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
 
 def _pseudo_label_quality(data: Manifest) -> dict[str, Any] | None:
     """Dice etc. of the SAM pseudo-labels on unlabeled cases that happen to have labels (e.g. LA)."""
-    from cfrseg.data import load_case, load_pseudo_label
+    from cfrseg.data.datasets import load_case, load_pseudo_label
     from cfrseg.metrics import compute_case, summarize
 
     res = {}
@@ -219,9 +219,9 @@ def _pseudo_label_quality(data: Manifest) -> dict[str, Any] | None:
 
 
 def _pictures(config: PipelineConfig, data: Manifest, store: Store, rt_store: Store, ft_store: Store) -> list[str]:
-    from cfrseg.data import load_case, load_pseudo_label
-    from cfrseg.infer import InferConfig, load_model, segment_volume
+    from cfrseg.data.datasets import load_case, load_pseudo_label
     from cfrseg.report import loss_curves_png, overlay_png
+    from cfrseg.stages.infer import InferConfig, load_model, segment_volume
 
     out: list[str] = []
     with tempfile.TemporaryDirectory(prefix="cfrseg-report-") as tmp:

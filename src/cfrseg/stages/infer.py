@@ -10,7 +10,6 @@ optionally with Gaussian importance weights instead of plain counts.
 from __future__ import annotations
 
 import copy
-
 import io
 import math
 import os
@@ -26,9 +25,9 @@ from scipy import ndimage
 from torch import nn
 
 from cfrseg.config import ConfigBase, require
+from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, InputError, NotFoundError
 from cfrseg.models.registry import NETWORKS, build_network
-from cfrseg.volume import Volume
 
 Triple = tuple[int, int, int]
 MODEL_FILE = "model.pt"

@@ -1,7 +1,7 @@
 """Dataset manifests: which cases are labeled, unlabeled and test, and where their files are.
 
 A manifest is plain data (JSON round trip). Builders for the supported layouts and the validating loader live
-in :mod:`cfrseg.data`.
+in :mod:`cfrseg.data.datasets`.
 """
 
 from __future__ import annotations

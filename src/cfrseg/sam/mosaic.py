@@ -1,7 +1,7 @@
 """Volume -> SAM input, shared by fine-tuning and pseudo-labelling so both see exactly the same thing.
 
 One :class:`MosaicSpec` fixes how a 3D volume becomes model inputs: per-volume intensity normalisation to
-[0, 1] (percentile clip; :class:`cfrseg.models.sam.CfrSam` takes [0, 1] images and applies the model's own
+[0, 1] (percentile clip; :class:`cfrseg.sam.model.CfrSam` takes [0, 1] images and applies the model's own
 pixel mean/std), an
 optional 3D zoom (e.g. x0.5 in-plane for LiteMedSAM's 256 px input), the 3D window (``crop``: X, Y, D slices)
 that one mosaic holds, the grid (ceil(sqrt(D)) squared by default), tile padding, and the in-plane orientation
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cfrseg import concat
 from cfrseg.errors import ConfigError, InputError
+from cfrseg.sam import concat
 
 Orientation = tuple[int, bool]   # (quarter turns in the (X, Y) plane, flip along X afterwards)
 

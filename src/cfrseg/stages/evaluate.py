@@ -12,10 +12,10 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from cfrseg.data.io import read_la_h5, read_volume, strip_suffix, volume_suffix
+from cfrseg.data.volume import Volume
 from cfrseg.errors import InputError
-from cfrseg.io import read_la_h5, read_volume, strip_suffix, volume_suffix
 from cfrseg.metrics import compute_case, format_table, summarize
-from cfrseg.volume import Volume
 
 
 def evaluate_arrays(items: Iterable[tuple[str, np.ndarray, Volume]], num_classes: int) -> dict[str, Any]:

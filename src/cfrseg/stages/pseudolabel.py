@@ -1,14 +1,14 @@
 """Stage 2b of CFR: whole-volume pseudo-labels from the fine-tuned SAM (Eq. 3: F_C^-1(F_FT(F_C(X)))).
 
 For every case to label, the WHOLE volume goes through the same path as at fine-tune time
-(:mod:`cfrseg.sam_data`, with the :class:`~cfrseg.sam_data.MosaicSpec` stored in ``finetune.pt``): [0, 1]
+(:mod:`cfrseg.sam.mosaic`, with the :class:`~cfrseg.sam.mosaic.MosaicSpec` stored in ``finetune.pt``): [0, 1]
 normalisation, zoom, windows of the fine-tune crop size covering the volume (in-plane overlap averaged, slice
 groups along the slice axis), mosaic, SAM, softmax, inverse mosaic; optionally averaged over the fine-tune
 orientation family (test-time augmentation). Probabilities are resampled back to the source grid, then
 ``labels/<case_id>.nii.gz`` (uint8 argmax) and ``confidence/<case_id>.nii.gz`` (float32 max probability) are
 written once, in the source geometry. A rerun skips finished cases.
 
-With ``calibration = "prior"`` the probabilities are first reweighted per class (:mod:`cfrseg.calibrate`) so
+With ``calibration = "prior"`` the probabilities are first reweighted per class (:mod:`cfrseg.sam.calibrate`) so
 that the labels of a few unlabeled volumes have the class fractions of the labeled volumes; the weights are
 fitted once, before any label is written, and kept in ``calibration.json``.
 """
@@ -26,16 +26,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cfrseg import concat
-from cfrseg.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
 from cfrseg.config import ConfigBase, require
+from cfrseg.data.manifest import ROLES, Case, Manifest
+from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, InputError
-from cfrseg.finetune import ARTIFACT, load_finetuned, read_artifact, resolve_device
-from cfrseg.manifest import ROLES, Case, Manifest
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
-from cfrseg.sam_data import MosaicSpec, crop_padded, orient, plan_windows, prepare_volume, unorient
+from cfrseg.sam import concat
+from cfrseg.sam.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
+from cfrseg.sam.mosaic import MosaicSpec, crop_padded, orient, plan_windows, prepare_volume, unorient
+from cfrseg.stages.finetune import ARTIFACT, load_finetuned, read_artifact, resolve_device
 from cfrseg.store import Store, get_json, put_json
-from cfrseg.volume import Volume
 
 STAGE = "pseudolabel"
 SOURCE = "source.json"
@@ -57,7 +57,7 @@ class PseudolabelConfig(ConfigBase):
     write_confidence: bool = True
     checkpoint: str | None = None             # base SAM checkpoint override (default: recorded / cached)
     calibration: str = "none"                 # none (argmax, the paper) | prior (class fractions of the labeled
-                                              # volumes; see cfrseg.calibrate)
+                                              # volumes; see cfrseg.sam.calibrate)
     calibration_cases: int = 8                # prior: unlabeled volumes the weights are fitted on (evenly spread)
     calibration_voxels: int = 200_000         # prior: voxels sampled per calibration volume
     calibration_min_labeled: int = 2          # prior: with fewer labeled volumes, keep the argmax (a prior from
@@ -178,7 +178,7 @@ def _digest(store: Store) -> str:
 
 
 def _put_volume(store: Store, key: str, vol: Volume, label: bool) -> None:
-    from cfrseg.io import write_volume
+    from cfrseg.data.io import write_volume
 
     with tempfile.TemporaryDirectory() as d:
         p = write_volume(vol, Path(d) / Path(key).name, label=label)
@@ -203,7 +203,7 @@ def _load_model(config: PseudolabelConfig, finetuned: Store, data: Manifest,
     sam = load_finetuned(finetuned, device, checkpoint=config.checkpoint, artifact=art)
     spec = sam.cfr_spec
     if config.merge_lora:
-        from cfrseg.models.lora import merge_lora
+        from cfrseg.sam.lora import merge_lora
 
         merge_lora(sam)
     return sam, spec, art
@@ -221,7 +221,7 @@ def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], mode
     """Fit the ``calibration = "prior"`` class weights: the prior is the pooled class fraction of the labeled
     cases' label maps; the probabilities are those of ``config.calibration_cases`` of ``cases`` (evenly spread,
     ``config.calibration_voxels`` voxels sampled from each). Returns the content of ``calibration.json``."""
-    from cfrseg.data import load_case
+    from cfrseg.data.datasets import load_case
 
     if not data.labeled:
         raise InputError(f"pseudolabel.calibration 'prior' needs labeled cases; manifest {data.name!r} has none")
@@ -315,7 +315,7 @@ def run_pseudolabel(
             check_cancel(cancel, STAGE)
             if model is None:
                 model = _load_model(config, finetuned, data, device)
-            from cfrseg.data import load_case
+            from cfrseg.data.datasets import load_case
 
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
@@ -354,7 +354,7 @@ def evaluate_sam(
     Cases: ``case_ids`` if given, else those with a label whose role is in ``config.roles``. Runs exactly the
     pseudo-label path (:func:`predict_volume`, then ``class_weights`` as the pseudo-labels got them). Returns ``{"cases": {id: compute_case(...)}, "summary":
     summarize(...), "seconds": {id: s}}``."""
-    from cfrseg.data import load_case
+    from cfrseg.data.datasets import load_case
     from cfrseg.metrics import compute_case, summarize
 
     if case_ids is not None:

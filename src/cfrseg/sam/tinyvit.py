@@ -14,7 +14,7 @@ The resolution is taken from the input, so any side divisible by 4 works (window
 the original code, where padded tokens take part in attention as keys); the weights were trained at 256.
 
 Attention blocks keep a fused ``qkv`` Linear whose output is laid out per head ([q_h, k_h, v_h] for each
-head h); :mod:`cfrseg.models.lora` splits it exactly using ``qkv_layout = "per_head"``.
+head h); :mod:`cfrseg.sam.lora` splits it exactly using ``qkv_layout = "per_head"``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cfrseg.augment import Aug, apply_aug, sample_aug, source_patch
+from cfrseg.ssl.augment import Aug, apply_aug, sample_aug, source_patch
 
 
 class _Stream:

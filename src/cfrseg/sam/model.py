@@ -5,9 +5,9 @@ Registry ``SAM_MODELS`` (name -> :class:`SamSpec`):
 - ``vit_b``, ``vit_l``, ``vit_h``: Meta's SAM built with ``segment_anything.modeling``; weights from a checkpoint
   file the user gives (e.g. ``sam_vit_b_01ec64.pth``). Input 1024 by default; another size (multiple of 16)
   resizes the absolute position embedding (bicubic) and the global-attention relative position tables (linear).
-- ``lite_medsam``: LiteMedSAM = :class:`cfrseg.models.tinyvit.TinyViT` (256x256 input, 256x64x64 embedding) +
+- ``lite_medsam``: LiteMedSAM = :class:`cfrseg.sam.tinyvit.TinyViT` (256x256 input, 256x64x64 embedding) +
   segment-anything's PromptEncoder and MaskDecoder. Default checkpoint: the cached file of
-  :func:`cfrseg.weights.fetch` (``python -m cfrseg.weights fetch lite_medsam``). Strict key matching.
+  :func:`cfrseg.sam.weights.fetch` (``python -m cfrseg.sam.weights fetch lite_medsam``). Strict key matching.
 - ``tiny`` (ViT encoder) and ``tiny_lite`` (TinyViT encoder): small random models built by the same code paths,
   for tests only (never presented as results).
 
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from cfrseg.errors import ConfigError, InputError, NotFoundError
-from cfrseg.models.tinyvit import TinyViT
-from cfrseg.weights import WEIGHTS, cached_path, sha256_file
+from cfrseg.sam.tinyvit import TinyViT
+from cfrseg.sam.weights import WEIGHTS, cached_path, sha256_file
 
 SAM_MEAN01 = (123.675 / 255, 116.28 / 255, 103.53 / 255)
 SAM_STD01 = (58.395 / 255, 57.12 / 255, 57.375 / 255)
@@ -52,7 +52,7 @@ class SamSpec:
     size_multiple: int
     pixel_mean: tuple[float, float, float]   # in [0, 1] units
     pixel_std: tuple[float, float, float]
-    weights: str | None = None                # cfrseg.weights name of the default checkpoint
+    weights: str | None = None                # cfrseg.sam.weights name of the default checkpoint
     pretrainable: bool = True                 # False: random only (test models)
 
 
@@ -188,7 +188,7 @@ def build_base_sam(
         cp = cached_path(spec.weights)
         if cp is None:
             raise NotFoundError(
-                f"{name} checkpoint is not in the weight cache; run: python -m cfrseg.weights fetch {spec.weights}"
+                f"{name} checkpoint is not in the weight cache; run: python -m cfrseg.sam.weights fetch {spec.weights}"
             )
         checkpoint = cp
         expected_sha256 = expected_sha256 or WEIGHTS[spec.weights].sha256

@@ -3,8 +3,8 @@
 ``run_finetune(config, data, store)`` trains on ``data.labeled`` and writes to ``store``:
 ``checkpoint.pt`` (every ``checkpoint_interval_s`` and at the end; exact resume), ``finetune.pt`` (the small
 delta on top of the base checkpoint, see :func:`load_finetuned`), ``config.json``, ``history.json``, ``loss.png``.
-Inputs come from :mod:`cfrseg.sam_data` (the same path the pseudo-label stage uses), the loss from
-:mod:`cfrseg.losses2d` (valid pixels only). See docs/finetune.md.
+Inputs come from :mod:`cfrseg.sam.mosaic` (the same path the pseudo-label stage uses), the loss from
+:mod:`cfrseg.sam.losses` (valid pixels only). See docs/finetune.md.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import numpy as np
 import torch
 
 from cfrseg.config import ConfigBase, require
+from cfrseg.data.manifest import Manifest
 from cfrseg.errors import Cancelled, ConfigError, InputError, NotFoundError
-from cfrseg.losses2d import masked_ce_dice
-from cfrseg.manifest import Manifest
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
-from cfrseg.sam_data import MosaicSpec, make_batch, prepare_volume
+from cfrseg.sam.losses import masked_ce_dice
+from cfrseg.sam.mosaic import MosaicSpec, make_batch, prepare_volume
 from cfrseg.store import LocalStore, Store, get_json, put_json
 
 STAGE = "finetune"
 ARTIFACT = "finetune.pt"
 CHECKPOINT = "checkpoint.pt"
-FORMAT = "cfrseg.finetune/1"
+FORMAT = "cfrseg.stages.finetune/1"
 #: config fields that may change between an interrupted run and its resume
 RESUME_FREE = {"resume", "device", "checkpoint_interval_s", "checkpoint"}
 
@@ -43,7 +43,7 @@ class FinetuneConfig(ConfigBase):
     checkpoint: str | None = None                   # base weights; lite_medsam: the cached LiteMedSAM if None
     checkpoint_sha256: str | None = None            # expected sha256 of the base checkpoint (checked if set)
     image_size: int = 256                           # model input side (256 LiteMedSAM, 1024 SAM ViT)
-    # --- mosaic (see cfrseg.sam_data.MosaicSpec): one mosaic = one 3D window of the zoomed volume
+    # --- mosaic (see cfrseg.sam.mosaic.MosaicSpec): one mosaic = one 3D window of the zoomed volume
     crop: tuple[int, int, int] = (82, 82, 9)        # (X, Y, D); paper: (112, 112, 80) with a 9x9 grid
     grid: int = 0                                   # 0 = ceil(sqrt(D))
     tile_pad: int = 1
@@ -59,7 +59,7 @@ class FinetuneConfig(ConfigBase):
     weight_decay: float = 0.01                      # reference: 0.1
     warmup_iterations: int = 20                     # linear from lr / warmup to lr, then poly decay
     poly_power: float = 0.9
-    head_init: str = "negated"                      # K-class head init, see cfrseg.models.sam.make_class_head
+    head_init: str = "negated"                      # K-class head init, see cfrseg.sam.model.make_class_head
     dice_background: bool = True                    # Dice averaged over all classes (False: foreground only)
     # --- decoder-only fast mode: > 0 = encode this many augmented mosaics per labeled volume ONCE (frozen
     # encoder, needs lora_rank 0), then train the mask decoder + no-mask embedding on the cached embeddings
@@ -81,7 +81,7 @@ class FinetuneConfig(ConfigBase):
         require(self.embedding_cache >= 0, f"finetune.embedding_cache must be >= 0, got {self.embedding_cache}")
         require(self.embedding_cache == 0 or self.lora_rank == 0,
                 "finetune.embedding_cache > 0 trains the decoder on frozen-encoder embeddings: set lora_rank 0")
-        from cfrseg.models.sam import HEAD_INITS
+        from cfrseg.sam.model import HEAD_INITS
 
         require(self.head_init in HEAD_INITS, f"finetune.head_init must be one of {HEAD_INITS}")
         require(self.lora_alpha > 0, f"finetune.lora_alpha must be > 0, got {self.lora_alpha}")
@@ -130,7 +130,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def sha256_file(path: str | Path) -> str:
-    from cfrseg.weights import sha256_file as _sha
+    from cfrseg.sam.weights import sha256_file as _sha
 
     return _sha(path)
 
@@ -138,7 +138,7 @@ def sha256_file(path: str | Path) -> str:
 def resolve_base_checkpoint(model: str, checkpoint: str | None, expected_sha256: str | None) -> tuple[Path | None, str | None]:
     """(path, sha256) of the base weights: the given file, the cached one for ``lite_medsam``, or (None, None)
     for models that may start from a random base. Raises NotFoundError / InputError / ConfigError clearly."""
-    from cfrseg.models.sam import SAM_MODELS
+    from cfrseg.sam.model import SAM_MODELS
 
     if model not in SAM_MODELS:
         raise ConfigError(f"unknown SAM model {model!r}; choose one of {sorted(SAM_MODELS)}")
@@ -148,7 +148,7 @@ def resolve_base_checkpoint(model: str, checkpoint: str | None, expected_sha256:
         if not p.is_file():
             raise NotFoundError(f"SAM checkpoint file {p} not found (finetune.checkpoint)")
     elif spec.weights is not None:
-        from cfrseg.weights import fetch
+        from cfrseg.sam.weights import fetch
 
         p = Path(fetch(spec.weights))
     elif not spec.pretrainable:
@@ -171,8 +171,8 @@ def build_model(model: str, num_classes: int, checkpoint: Path | None, image_siz
     """Base SAM (+ LoRA on q, v unless ``lora_rank`` is 0); everything frozen except LoRA, the mask decoder and
     the no-mask embedding. The base is built under ``base_seed`` so a model without a checkpoint (``tiny``) is
     reproducible. ``head_init`` only matters for training (a loaded delta overwrites the whole head)."""
-    from cfrseg.models.lora import inject_lora, trainable_parameters
-    from cfrseg.models.sam import build_sam
+    from cfrseg.sam.lora import inject_lora, trainable_parameters
+    from cfrseg.sam.model import build_sam
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed)
@@ -187,14 +187,14 @@ def build_model(model: str, num_classes: int, checkpoint: Path | None, image_siz
 
 def trainable_state(sam: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The fine-tuned delta (LoRA A/B, mask decoder minus IoU head, no-mask embedding), cloned to the CPU."""
-    from cfrseg.models.lora import lora_state_dict
+    from cfrseg.sam.lora import lora_state_dict
 
     return {k: v.to("cpu", copy=True) for k, v in lora_state_dict(sam).items()}
 
 
 def load_trainable_state(sam: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a :func:`trainable_state` into a model built the same way (InputError when it does not fit)."""
-    from cfrseg.models.lora import load_lora_state_dict
+    from cfrseg.sam.lora import load_lora_state_dict
 
     load_lora_state_dict(sam, state)
 
@@ -291,7 +291,7 @@ def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec,
                           bezier_p: float, foreground_prob: float, chunk: int = 4,
                           on_chunk=None) -> EmbeddingCache:
     """Encode ``per_volume`` random mosaics of every volume (random window, orientation, Bezier curve, drawn
-    by :func:`cfrseg.sam_data.make_batch` from a generator seeded with ``seed``: the same pool every time).
+    by :func:`cfrseg.sam.mosaic.make_batch` from a generator seeded with ``seed``: the same pool every time).
     ``on_chunk(done, total)`` is called after each encoder batch (progress / cancel)."""
     g = torch.Generator().manual_seed(seed)
     embs, tgts, vals = [], [], []
@@ -394,7 +394,7 @@ def run_finetune(
 
     put_json(store, "config.json", config.to_dict())
     volumes = []
-    from cfrseg.data import load_case
+    from cfrseg.data.datasets import load_case
 
     for i, case in enumerate(labeled):
         check_cancel(cancel, STAGE)
@@ -509,7 +509,7 @@ def load_finetuned(
         path = None
     else:
         if ck is None or not Path(ck).is_file():
-            from cfrseg.models.sam import SAM_MODELS
+            from cfrseg.sam.model import SAM_MODELS
 
             if checkpoint is None and model in SAM_MODELS and SAM_MODELS[model].weights is not None:
                 ck = None   # the weight cache provides it (sha256 checked below)

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfrseg.config import ConfigBase, require
+from cfrseg.data.manifest import Case, Manifest
 from cfrseg.errors import Cancelled, ConfigError, InputError
-from cfrseg.manifest import Case, Manifest
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, emit
-from cfrseg.sampling import TwoStreamSampler, crop_aug
 from cfrseg.ssl.ema import update_ema
 from cfrseg.ssl.methods import METHODS, SSLMethod, SSLParams, build_method
+from cfrseg.ssl.sampling import TwoStreamSampler, crop_aug
 from cfrseg.store import Store, get_json, put_json
 
 STAGE = "retrain"
@@ -162,9 +162,9 @@ class RetrainConfig(ConfigBase):
             require(isinstance(getattr(self, name), bool), f"{p}.{name} must be true or false")
 
     def infer_config(self) -> Any:
-        """The :class:`cfrseg.infer.InferConfig` for evaluation: ``infer`` overrides on top of
+        """The :class:`cfrseg.stages.infer.InferConfig` for evaluation: ``infer`` overrides on top of
         patch = the training patch, stride = patch / 4 (rounded), device = this config's device."""
-        from cfrseg.infer import InferConfig
+        from cfrseg.stages.infer import InferConfig
 
         base = {"patch": self.patch, "stride": tuple(max(1, p // 4) for p in self.patch), "device": self.device}
         base.update(self.infer)
@@ -238,8 +238,8 @@ class TrainData:
 
 
 def preprocess_image(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndarray:
-    """z-score per volume, then trilinear resampling by ``zoom`` (exactly what cfrseg.infer does at test time)."""
-    from cfrseg.infer import resize, zoomed_shape, zscore
+    """z-score per volume, then trilinear resampling by ``zoom`` (exactly what cfrseg.stages.infer does at test time)."""
+    from cfrseg.stages.infer import resize, zoomed_shape, zscore
 
     t = torch.from_numpy(np.ascontiguousarray(zscore(array)))[None]
     return resize(t, zoomed_shape(array.shape, zoom))[0].numpy().astype(np.float32, copy=False)
@@ -247,7 +247,7 @@ def preprocess_image(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndar
 
 def preprocess_label(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndarray:
     """Nearest-neighbour resampling (half-voxel centred, like the trilinear image resampling) to uint8."""
-    from cfrseg.infer import zoomed_shape
+    from cfrseg.stages.infer import zoomed_shape
 
     size = zoomed_shape(array.shape, zoom)
     if tuple(size) == tuple(array.shape):
@@ -258,7 +258,7 @@ def preprocess_label(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndar
 
 def load_train_data(cfg: RetrainConfig, data: Manifest, need_unlabeled: bool) -> TrainData:
     """Read, validate and preprocess the labeled cases and (if needed or pseudo-labelled) the unlabeled cases."""
-    from cfrseg.data import load_case, load_pseudo_label
+    from cfrseg.data.datasets import load_case, load_pseudo_label
 
     if not data.labeled:
         raise InputError(f"manifest {data.name!r} has no labeled case: re-training needs at least one")
@@ -370,7 +370,7 @@ def make_teacher_fn(teacher: nn.Module, cfg: RetrainConfig):
 
 
 def _resolve_device(device: str) -> torch.device:
-    from cfrseg.infer import resolve_device
+    from cfrseg.stages.infer import resolve_device
 
     return resolve_device(device)
 
@@ -425,7 +425,7 @@ def _final_losses(history: list[dict[str, float]], n: int = 10) -> dict[str, flo
 # -------------------------------------------------------------------------------------------- artifacts
 def _save_artifacts(cfg: RetrainConfig, num_classes: int, student: Mapping[str, torch.Tensor],
                     teacher: Mapping[str, torch.Tensor], history: list[dict[str, float]], store: Store) -> None:
-    from cfrseg.infer import save_model
+    from cfrseg.stages.infer import save_model
 
     buf = io.BytesIO()
     save_model(buf, network=cfg.network, num_classes=num_classes, student=student, teacher=teacher,
@@ -604,13 +604,13 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
     ``model``: a folder holding model.pt, the file, or a Store with key ``model.pt``. ``cases``: a Manifest
     (its "test" cases are used) or a list of cases (then ``manifest`` gives num_classes and spacing).
     ``infer`` overrides the artifact's InferConfig fields. Predictions are mapped back to each case's full
-    resolution by :func:`cfrseg.infer.segment_volume`; with ``predictions`` (a folder) they are also written as
+    resolution by :func:`cfrseg.stages.infer.segment_volume`; with ``predictions`` (a folder) they are also written as
     ``<case_id>.nii.gz``. Returns ``{"cases": {case_id: compute_case(...)}, "summary": summarize(...),
     "table": format_table(...), "evaluate": "teacher"|"student"}``.
     """
-    from cfrseg.data import load_case
-    from cfrseg.infer import InferConfig, load_model, segment_volume
+    from cfrseg.data.datasets import load_case
     from cfrseg.metrics import compute_case, format_table, summarize
+    from cfrseg.stages.infer import InferConfig, load_model, segment_volume
 
     if isinstance(cases, Manifest):
         manifest = manifest or cases
@@ -637,7 +637,7 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
         pred = segment_volume(net, image, icfg, meta["preprocess"])
         results[case.case_id] = compute_case(pred.array, label.array, image.spacing, manifest.num_classes)
         if out_dir is not None:
-            from cfrseg.io import write_volume
+            from cfrseg.data.io import write_volume
 
             write_volume(pred, out_dir / f"{case.case_id}.nii.gz", label=True)
         emit(progress, ProgressEvent("evaluate", i + 1, len(todo), {}, case.case_id))

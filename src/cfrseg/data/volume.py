@@ -3,7 +3,7 @@
 Axis convention (used everywhere in cfrseg): ``array`` is indexed ``[x, y, z]`` (ITK index order, the same as
 nibabel and the LA h5 files); the last axis is the slice axis. ``spacing`` and ``origin`` are in the same
 (x, y, z) order, in millimetres; ``direction`` is ITK's 3x3 direction matrix, row-major, 9 floats.
-SimpleITK's ``GetArrayFromImage`` returns ``[z, y, x]``; :mod:`cfrseg.io` transposes on read and write.
+SimpleITK's ``GetArrayFromImage`` returns ``[z, y, x]``; :mod:`cfrseg.data.io` transposes on read and write.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Reading and writing 3D volumes: NIfTI, NRRD, MetaImage, DICOM series folders and the LA ``mri_norm2.h5`` files.
 
-Every reader returns a :class:`cfrseg.volume.Volume` whose array is indexed ``[x, y, z]`` (SimpleITK's
+Every reader returns a :class:`cfrseg.data.volume.Volume` whose array is indexed ``[x, y, z]`` (SimpleITK's
 ``[z, y, x]`` arrays are transposed here, on read and on write). Only scalar 3D volumes are accepted: 2D, 4D and
 vector (multi-component) images raise :class:`cfrseg.errors.InputError` with the shape in the message, as do
 missing, unreadable or truncated files (the message names the file).
@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from cfrseg.data.volume import Volume
 from cfrseg.errors import InputError
-from cfrseg.volume import Volume
 
 #: Single-file formats ``read_volume``/``write_volume`` handle (longest suffix first, matched case-insensitively).
 VOLUME_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".h5", ".hdf5", ".dcm")
