@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 
 from services.common.auth import BearerAuthInterceptor, client_auth
+from services.common.health import HealthMonitor
 from services.common.settings import Settings
 
 log = logging.getLogger("cfrseg.services.server")
@@ -43,6 +44,8 @@ class Server:
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         self.service_names = list(service_names)
+        # dependency checks (services.common.health): register with server.monitor.add_check before start()
+        self.monitor = HealthMonitor(self.health, self.service_names)
         self._on_stop: list[Callable[[], None]] = []
         self._stopped = threading.Event()
         if settings.tls:
@@ -60,8 +63,7 @@ class Server:
 
     def start(self) -> None:
         self.grpc.start()
-        for name in ["", *self.service_names]:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.monitor.start()  # SERVING when every registered check passes (no checks: SERVING)
         log.info("serving %s on %s:%d (%s)", ", ".join(self.service_names), self.settings.host, self.port,
                  "TLS" if self.settings.tls else "plaintext")
 
@@ -69,6 +71,7 @@ class Server:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        self.monitor.stop()
         self.health.enter_graceful_shutdown()
         for fn in self._on_stop:
             try:
