@@ -201,7 +201,7 @@ def test_artifact_small_and_reloads_on_base(la_dir, la_ids, tmp_path):
     assert n_delta < 0.8 * n_base and not any("image_encoder" in k and "lora_" not in k for k in art["delta"])
 
     # same outputs as the trained model (its trainable tensors are the checkpoint's)
-    ckpt = torch.load(store.path("checkpoint.pt"), weights_only=False)
+    ckpt = torch.load(store.path("checkpoint.pt"), weights_only=True)  # only tensors and plain metadata
     sam = load_finetuned(store)
     x = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     from cfrseg.stages.finetune import build_model, load_trainable_state

@@ -115,7 +115,12 @@ SAM_MODELS: dict[str, SamSpec] = {
 # ---------------------------------------------------------------- checkpoints
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (restricted unpickler / zip errors: a bad or hostile file)
+        raise InputError(f"{path}: not a loadable SAM checkpoint (only tensors and state dicts are loaded, "
+                         f"torch.load weights_only=True): {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                         ) from None
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
             obj = obj[key]

@@ -25,6 +25,7 @@ from cfrseg.errors import Cancelled, ConfigError, InputError, NotFoundError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
 from cfrseg.sam.losses import masked_ce_dice
 from cfrseg.sam.mosaic import MosaicSpec, make_batch, prepare_volume
+from cfrseg.stages import checkpoint as ckpt_io
 from cfrseg.store import LocalStore, Store, get_json, put_json
 
 STAGE = "finetune"
@@ -238,13 +239,12 @@ def _set_rng_state(g: torch.Generator, st: dict[str, Any]) -> None:
 
 
 def _save_pt(store: Store, key: str, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    store.put_bytes(key, buf.getvalue())
+    store.put_bytes(key, ckpt_io.dumps(obj))
 
 
 def _load_pt(store: Store, key: str) -> Any:
-    return torch.load(io.BytesIO(store.get_bytes(key)), map_location="cpu", weights_only=False)
+    """A checkpoint/artifact of this stage, loaded with weights_only=True (InputError for anything else)."""
+    return ckpt_io.loads(store.get_bytes(key), f"{store!r} {key}")
 
 
 def _training_fields(d: dict[str, Any]) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, emit
 from cfrseg.ssl.ema import update_ema
 from cfrseg.ssl.methods import METHODS, SSLMethod, SSLParams, build_method
 from cfrseg.ssl.sampling import TwoStreamSampler, crop_aug
+from cfrseg.stages import checkpoint as ckpt_io
 from cfrseg.store import Store, get_json, put_json
 
 STAGE = "retrain"
@@ -408,8 +409,9 @@ def _config_diff(saved: Mapping[str, Any], cfg: RetrainConfig) -> list[str]:
 
 
 def load_checkpoint(store: Store) -> dict[str, Any]:
-    """The stage checkpoint (our own file: it holds RNG states, hence weights_only=False)."""
-    return torch.load(io.BytesIO(store.get_bytes(CHECKPOINT)), map_location="cpu", weights_only=False)
+    """The stage checkpoint, loaded with weights_only=True (RNG states are stored as tensors; InputError for a
+    file that holds anything but tensors, state dicts and plain metadata)."""
+    return ckpt_io.loads(store.get_bytes(CHECKPOINT), f"{store!r} {CHECKPOINT}")
 
 
 def _peak_rss_mb() -> float:
@@ -539,9 +541,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
                "sampler": batches.sampler.state_dict(), "rng": _rng_state(), "history": history,
                "elapsed_s": elapsed0 + time.monotonic() - t0, "labeled_ids": td.labeled_ids,
                "unlabeled_ids": td.unlabeled_ids}
-        buf = io.BytesIO()
-        torch.save(obj, buf)
-        store.put_bytes(CHECKPOINT, buf.getvalue())
+        store.put_bytes(CHECKPOINT, ckpt_io.dumps(obj))
 
     teacher_fn = make_teacher_fn(teacher, cfg)
     eta = Eta()
