@@ -1,8 +1,8 @@
 """A small Python SDK of the cfrseg gateway, on the generated stubs.
 
     from services.sdk import Client
-    c = Client("127.0.0.1:50051", token)
-    ds = c.create_dataset("data/my_set", name="la-3")       # images/ + labels/ folders, nnU-Net, LA ...
+    c = Client("127.0.0.1:50051", token)                    # TLS: Client(addr, token, ca="ca.pem"[, cert, key])
+    ds = c.create_dataset("data/my_set", name="la-3")       # images/ + labels/ folders, nnU-Net, LA h5 ...
     run = c.submit_run(ds.dataset_id, profile="tiny", ssl_method="mt")
     for ev in c.watch_run(run.run_id): print(ev.progress.stage, ev.progress.step, ev.progress.total)
     c.download_artifact(run.run_id, "retrain/model.pt", "model.pt")
@@ -16,8 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +28,28 @@ from cfrseg.sam.weights import sha256_file  # noqa: F401  (re-exported)
 from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 CHUNK = 1 << 20
+UPLOADABLE = (".nii.gz", ".nii", ".nrrd", ".mha")  # the gateway's single-file formats
 KINDS = {"image": gateway_pb2.VOLUME_KIND_IMAGE, "label": gateway_pb2.VOLUME_KIND_LABEL}
 ROLES = {"labeled": gateway_pb2.CASE_ROLE_LABELED, "unlabeled": gateway_pb2.CASE_ROLE_UNLABELED,
          "test": gateway_pb2.CASE_ROLE_TEST}
 FINAL = (common_pb2.RUN_STATE_SUCCEEDED, common_pb2.RUN_STATE_FAILED, common_pb2.RUN_STATE_CANCELLED)
+
+
+def _uploadable(path: str, kind: str, spacing: Sequence[float] | None, tmp: Path, case_id: str) -> Path:
+    """``path`` itself when the gateway takes it (a single .nii.gz/.nii/.nrrd/.mha file), else a .nii.gz
+    conversion in ``tmp`` with the volume's geometry (LA h5: ``spacing``, default 0.625 mm)."""
+    from cfrseg.data.io import read_la_h5, read_volume, write_volume
+
+    p = Path(path)
+    if p.is_file() and p.name.lower().endswith(UPLOADABLE):
+        return p
+    if p.name.lower().endswith((".h5", ".hdf5")):
+        vol = read_la_h5(p, kind, tuple(spacing)) if spacing else read_la_h5(p, kind)  # type: ignore[arg-type]
+    else:  # .mhd (+ its data file), DICOM series folder
+        vol = read_volume(p)
+    out = tmp / f"{case_id}_{kind}.nii.gz"
+    write_volume(vol, out, label=kind == "label")
+    return out
 
 
 def state_name(state: int) -> str:
@@ -38,18 +57,49 @@ def state_name(state: int) -> str:
 
 
 class Client:
-    def __init__(self, address: str, token: str, tls_ca: str | None = None, *, max_message_mb: int = 16) -> None:
-        opts = [("grpc.max_receive_message_length", max_message_mb << 20),
-                ("grpc.max_send_message_length", max_message_mb << 20)]
-        if tls_ca:
+    """A connection to the gateway.
+
+    Args:
+        address: ``host:port`` of the gateway.
+        token: the bearer token.
+        ca: CA bundle (PEM path) to verify the gateway's certificate: TLS. ``tls=True`` without ``ca`` uses the
+            system's trusted roots.
+        client_cert, client_key: this client's certificate chain and key (PEM paths) for a gateway that requires
+            client certificates (mTLS); implies TLS.
+        server_name: check the gateway's certificate against this name instead of the host of ``address``
+            (e.g. when connecting through a tunnel or to an IP address).
+        keepalive_s: HTTP/2 keepalive ping period (long watch streams survive idle NATs and firewalls).
+    """
+
+    def __init__(self, address: str, token: str, ca: str | None = None, client_cert: str | None = None,
+                 client_key: str | None = None, *, tls: bool | None = None, server_name: str | None = None,
+                 max_message_mb: int = 16, keepalive_s: float = 60.0, tls_ca: str | None = None) -> None:
+        from services.common.tls import channel_credentials, keepalive_options
+
+        ca = ca or tls_ca  # tls_ca: the former name of `ca`
+        opts: list[tuple[str, Any]] = [("grpc.max_receive_message_length", max_message_mb << 20),
+                                       ("grpc.max_send_message_length", max_message_mb << 20),
+                                       *keepalive_options(keepalive_s, server=False)]
+        if server_name:
+            opts.append(("grpc.ssl_target_name_override", server_name))
+        self._tls = bool(ca or client_cert or tls)
+        self._client_cert = bool(client_cert)
+        if self._tls:
             creds = grpc.composite_channel_credentials(
-                grpc.ssl_channel_credentials(Path(tls_ca).read_bytes()), grpc.access_token_call_credentials(token))
+                channel_credentials(ca or "", client_cert or "", client_key or ""),
+                grpc.access_token_call_credentials(token))
             self.channel = grpc.secure_channel(address, creds, options=opts)
         else:
             self.channel = grpc.insecure_channel(address, options=opts)
             self._md = (("authorization", f"Bearer {token}"),)
-        self._tls = bool(tls_ca)
+        self.address = address
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def explain(self, err: grpc.RpcError) -> str:
+        """A hint for an error that looks like a TLS/mTLS mismatch ("" when there is none)."""
+        from services.common.tls import explain
+
+        return explain(err, tls=self._tls, client_cert=self._client_cert)
 
     def _kw(self, timeout: float | None = 60.0) -> dict[str, Any]:
         kw: dict[str, Any] = {"timeout": timeout}
@@ -84,23 +134,36 @@ class Client:
 
     def create_dataset(self, folder: str | Path, *, name: str | None = None, num_classes: int | None = None,
                        labeled: int | Sequence[str] | None = None, holdout: int = 0, test: Sequence[str] = (),
-                       request_id: str = "") -> gateway_pb2.Dataset:
-        """Upload every volume of a dataset folder (any layout :func:`cfrseg.data.datasets.build_manifest` reads, volume
-        files only) and create the dataset. ``test``: case ids to hold out for evaluation (need labels)."""
+                       request_id: str = "",
+                       progress: Callable[[str, int, int], None] | None = None) -> gateway_pb2.Dataset:
+        """Upload every volume of a dataset folder and create the dataset.
+
+        Any layout :func:`cfrseg.data.datasets.build_manifest` reads: the LA h5 layout (``train.list`` +
+        ``<id>/mri_norm2.h5``), nnU-Net/MSD, ``images/`` + ``labels/`` folders. Volumes the gateway does not take
+        as they are (LA ``.h5``, two-file ``.mhd``, DICOM series folders) are converted here to ``.nii.gz`` with
+        their geometry (LA: the manifest's spacing, 0.625 mm), one case at a time in a temp folder.
+        ``test``: case ids to hold out for evaluation (need labels). ``progress(case_id, done, total)`` is called
+        after each case."""
         from cfrseg.data.datasets import build_manifest
 
         m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes)
         cases = []
-        for c in m.cases:
-            if Path(c.image).is_dir() or (c.label and Path(c.label).is_dir()):
-                raise ValueError(f"case {c.case_id}: DICOM folders cannot be uploaded; convert to NIfTI first")
-            img = self.upload_volume(c.image, "image")
-            lab = self.upload_volume(c.label, "label") if c.label else None
-            role = "test" if c.case_id in test else c.role
-            if role == "unlabeled" and lab is not None and c.case_id not in test:
-                lab = None  # an unlabeled case's label is not used for training; do not upload it as such
-            cases.append(gateway_pb2.DatasetCase(case_id=c.case_id, image_upload_id=img.upload_id,
-                                                 label_upload_id=lab.upload_id if lab else "", role=ROLES[role]))
+        with tempfile.TemporaryDirectory(prefix="cfrseg-upload-") as tmp:
+            for k, c in enumerate(m.cases):
+                role = "test" if c.case_id in test else c.role
+                img = self.upload_volume(_uploadable(c.image, "image", m.spacing, Path(tmp), c.case_id), "image")
+                lab = None
+                if c.label and (role != "unlabeled" or c.case_id in test):
+                    # an unlabeled case's label is not used for training: it is not uploaded as such
+                    lab = self.upload_volume(_uploadable(c.label, "label", m.spacing, Path(tmp), c.case_id),
+                                             "label")
+                for f in Path(tmp).iterdir():
+                    f.unlink()
+                cases.append(gateway_pb2.DatasetCase(case_id=c.case_id, image_upload_id=img.upload_id,
+                                                     label_upload_id=lab.upload_id if lab else "",
+                                                     role=ROLES[role]))
+                if progress is not None:
+                    progress(c.case_id, k + 1, len(m.cases))
         return self.stub.CreateDataset(gateway_pb2.CreateDatasetRequest(
             name=name or m.name, num_classes=m.num_classes, cases=cases, spacing=list(m.spacing or ()),
             request_id=request_id), **self._kw(600.0))
@@ -179,6 +242,14 @@ class Client:
             os.replace(str(out) + ".part", out)
         assert result is not None
         return result
+
+    def health(self, include_components: bool = True, timeout: float | None = 15.0):
+        """The gateway's health report with each check's reason, and (``include_components``) each stage
+        service's (``cfrseg.v1.HealthReport``)."""
+        from services.gen.cfrseg.v1 import status_pb2, status_pb2_grpc
+
+        return status_pb2_grpc.StatusServiceStub(self.channel).GetHealth(
+            status_pb2.GetHealthRequest(include_components=include_components), **self._kw(timeout))
 
     def list_artifacts(self, run_id: str) -> list[common_pb2.ObjectRef]:
         return list(self.stub.ListArtifacts(gateway_pb2.ListArtifactsRequest(run_id=run_id), **self._kw()).artifacts)

@@ -77,3 +77,15 @@ def dump_logs(st) -> str:
 
 def cleanup(d: Path) -> None:
     shutil.rmtree(d, ignore_errors=True)
+
+
+def cfrseg(*args: str, timeout: float = 180, env: dict[str, str] | None = None):
+    """``python -m cfrseg.cli ARGS`` as a user runs it (a subprocess; text output)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cfrseg.cli", *args], cwd=root, env=full, capture_output=True,
+                          text=True, timeout=timeout, check=False)

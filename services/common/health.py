@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from grpc_health.v1 import health_pb2
@@ -44,15 +45,21 @@ class HealthMonitor:
         self.names = ["", *service_names]
         self.interval_s = float(interval_s)
         self._checks: dict[str, Check] = {}
+        self._critical: dict[str, bool] = {}
         self._reasons: dict[str, str | None] = {}
+        self.checked_at = 0.0                     # time.time() of the last round
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def add_check(self, name: str, fn: Check) -> None:
-        """Register a check; ``fn()`` returns None when healthy, else the reason (exceptions count as failing)."""
+    def add_check(self, name: str, fn: Check, critical: bool = True) -> None:
+        """Register a check; ``fn()`` returns None when healthy, else the reason (exceptions count as failing).
+
+        ``critical=False``: the result is reported (:meth:`results`, the StatusService) but does not change the
+        serving status (e.g. the gateway's view of the stage services)."""
         with self._lock:
             self._checks[name] = fn
+            self._critical[name] = bool(critical)
 
     def run_checks(self) -> dict[str, str | None]:
         """Run every check once, update the health status, and return ``{name: reason or None}``."""
@@ -70,10 +77,15 @@ class HealthMonitor:
                 if reason != old:
                     if reason is None:
                         log.info("health check %s: ok", name)
-                    else:
+                    elif self._critical.get(name, True):
                         log.warning("health check %s: NOT SERVING: %s", name, reason)
+                    else:
+                        log.warning("health check %s (not critical): %s", name, reason)
             self._reasons = reasons
-        status = SERVING if all(r is None for r in reasons.values()) else NOT_SERVING
+            self.checked_at = time.time()
+            critical = dict(self._critical)
+        ok = all(r is None for n, r in reasons.items() if critical.get(n, True))
+        status = SERVING if ok else NOT_SERVING
         if not self._stop.is_set():
             for n in self.names:
                 self.servicer.set(n, status)
@@ -84,8 +96,15 @@ class HealthMonitor:
         with self._lock:
             return dict(self._reasons)
 
+    def results(self) -> list[tuple[str, str | None, bool]]:
+        """The last round as ``[(name, reason or None, critical)]`` in registration order."""
+        with self._lock:
+            return [(n, self._reasons.get(n), self._critical.get(n, True)) for n in self._checks
+                    if n in self._reasons]
+
     def healthy(self) -> bool:
-        return all(r is None for r in self.reasons().values())
+        """Every critical check passed in the last round."""
+        return all(r is None for _, r, critical in self.results() if critical)
 
     def start(self) -> None:
         """Run the checks once now, then every ``interval_s`` in a daemon thread."""
@@ -97,6 +116,11 @@ class HealthMonitor:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.run_checks()
+
+    @property
+    def stopping(self) -> bool:
+        """Stopped (the server is shutting down: NOT_SERVING whatever the checks say)."""
+        return self._stop.is_set()
 
     def stop(self) -> None:
         """Stop re-checking (the server's graceful shutdown then owns the status)."""

@@ -5,12 +5,15 @@ Secrets can be given directly or as a file (``X_FILE``, e.g. a compose/Docker se
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
 
 from cfrseg.errors import ConfigError
+
+log = logging.getLogger("cfrseg.services.settings")
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str:
@@ -68,12 +71,20 @@ class Settings:
     tokens: tuple[str, ...] = ()            # CFRSEG_TOKEN / CFRSEG_TOKEN_FILE (public gateway tokens)
     internal_token: str = ""                # CFRSEG_INTERNAL_TOKEN(_FILE): gateway/worker -> stage services
     auth_disabled: bool = False             # CFRSEG_AUTH_DISABLED=1: development only, logged loudly
-    tls_cert: str = ""                      # CFRSEG_TLS_CERT (PEM); with CFRSEG_TLS_KEY enables TLS
+    tls_cert: str = ""                      # CFRSEG_TLS_CERT (PEM chain); with CFRSEG_TLS_KEY enables TLS
     tls_key: str = ""                       # CFRSEG_TLS_KEY
-    tls_ca: str = ""                        # CFRSEG_TLS_CA: CA bundle clients use to verify servers
+    tls_client_ca: str = ""                 # CFRSEG_TLS_CLIENT_CA: require client certificates signed by it (mTLS)
+    internal_ca: str = ""                   # CFRSEG_INTERNAL_CA: CA bundle for outgoing calls to the stage services
+    internal_cert: str = ""                 # CFRSEG_INTERNAL_CERT/KEY: client certificate for those calls (when
+    internal_key: str = ""                  # the stage services require one: their CFRSEG_TLS_CLIENT_CA)
     # server
     max_message_mb: int = 16                # CFRSEG_MAX_MESSAGE_MB (receive and send)
-    workers: int = 16                       # CFRSEG_WORKERS: gRPC handler threads (each Watch holds one)
+    workers: int = 32                       # CFRSEG_WORKERS: gRPC handler threads (each open stream holds one)
+    max_concurrent_rpcs: int = 0            # CFRSEG_MAX_CONCURRENT_RPCS: refused beyond (0 = 4 x workers)
+    max_watches: int = 0                    # CFRSEG_MAX_WATCHES: open watch streams, server-wide (0 = workers/2)
+    max_watches_per_client: int = 8         # CFRSEG_MAX_WATCHES_PER_CLIENT: per (token, peer address)
+    keepalive_s: float = 60.0               # CFRSEG_KEEPALIVE_S: HTTP/2 ping period on idle connections
+    health_interval_s: float = 10.0         # CFRSEG_HEALTH_INTERVAL_S: seconds between dependency checks
     grace_s: float = 30.0                   # CFRSEG_GRACE_S: SIGTERM grace period
     log_level: str = "INFO"                 # CFRSEG_LOG_LEVEL
     # stage services
@@ -88,6 +99,13 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
         e = os.environ if env is None else env
         tokens = _tokens(_read_secret(e, "CFRSEG_TOKEN"))
+        internal_ca = e.get("CFRSEG_INTERNAL_CA", "")
+        if e.get("CFRSEG_TLS_CA"):
+            # deprecated: it meant both "CA of my outgoing calls" and "CA of my own healthcheck"
+            log.warning("CFRSEG_TLS_CA is deprecated: use CFRSEG_INTERNAL_CA (CA for calls to the stage services) "
+                        "and CFRSEG_HEALTHCHECK_CA (CA of the container healthcheck); taken as CFRSEG_INTERNAL_CA%s",
+                        " (ignored: CFRSEG_INTERNAL_CA is set)" if internal_ca else "")
+            internal_ca = internal_ca or e["CFRSEG_TLS_CA"]
         s = cls(
             host=e.get("CFRSEG_HOST", cls.host),
             port=int(_num(e, "CFRSEG_PORT", cls.port)),
@@ -103,9 +121,17 @@ class Settings:
             auth_disabled=_bool(e, "CFRSEG_AUTH_DISABLED"),
             tls_cert=e.get("CFRSEG_TLS_CERT", ""),
             tls_key=e.get("CFRSEG_TLS_KEY", ""),
-            tls_ca=e.get("CFRSEG_TLS_CA", ""),
+            tls_client_ca=e.get("CFRSEG_TLS_CLIENT_CA", ""),
+            internal_ca=internal_ca,
+            internal_cert=e.get("CFRSEG_INTERNAL_CERT", ""),
+            internal_key=e.get("CFRSEG_INTERNAL_KEY", ""),
             max_message_mb=int(_num(e, "CFRSEG_MAX_MESSAGE_MB", cls.max_message_mb)),
             workers=int(_num(e, "CFRSEG_WORKERS", cls.workers)),
+            max_concurrent_rpcs=int(_num(e, "CFRSEG_MAX_CONCURRENT_RPCS", cls.max_concurrent_rpcs)),
+            max_watches=int(_num(e, "CFRSEG_MAX_WATCHES", cls.max_watches)),
+            max_watches_per_client=int(_num(e, "CFRSEG_MAX_WATCHES_PER_CLIENT", cls.max_watches_per_client)),
+            keepalive_s=_num(e, "CFRSEG_KEEPALIVE_S", cls.keepalive_s),
+            health_interval_s=_num(e, "CFRSEG_HEALTH_INTERVAL_S", cls.health_interval_s),
             grace_s=_num(e, "CFRSEG_GRACE_S", cls.grace_s),
             log_level=e.get("CFRSEG_LOG_LEVEL", cls.log_level).upper(),
             workdir=e.get("CFRSEG_WORKDIR", cls.workdir),
@@ -122,14 +148,38 @@ class Settings:
     def validate(self) -> None:
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("set both CFRSEG_TLS_CERT and CFRSEG_TLS_KEY (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("CFRSEG_TLS_CLIENT_CA (mTLS) needs TLS: set CFRSEG_TLS_CERT and CFRSEG_TLS_KEY too")
+        if bool(self.internal_cert) != bool(self.internal_key):
+            raise ConfigError("set both CFRSEG_INTERNAL_CERT and CFRSEG_INTERNAL_KEY (or neither)")
+        for name, path in (("CFRSEG_TLS_CERT", self.tls_cert), ("CFRSEG_TLS_KEY", self.tls_key),
+                           ("CFRSEG_TLS_CLIENT_CA", self.tls_client_ca), ("CFRSEG_INTERNAL_CA", self.internal_ca),
+                           ("CFRSEG_INTERNAL_CERT", self.internal_cert), ("CFRSEG_INTERNAL_KEY", self.internal_key)):
+            if path and not os.access(path, os.R_OK):
+                raise ConfigError(f"{name}={path!r}: no readable file there")
         if not 0 < self.port < 65536:
             raise ConfigError(f"port {self.port} out of range")
         if self.max_message_mb < 1 or self.workers < 2:
             raise ConfigError("CFRSEG_MAX_MESSAGE_MB must be >= 1 and CFRSEG_WORKERS >= 2")
+        if self.max_concurrent_rpcs < 0 or self.max_watches < 0 or self.max_watches_per_client < 1:
+            raise ConfigError("CFRSEG_MAX_CONCURRENT_RPCS and CFRSEG_MAX_WATCHES must be >= 0 (0 = default), "
+                              "CFRSEG_MAX_WATCHES_PER_CLIENT >= 1")
+        if self.keepalive_s < 1 or self.health_interval_s <= 0:
+            raise ConfigError("CFRSEG_KEEPALIVE_S must be >= 1 and CFRSEG_HEALTH_INTERVAL_S > 0")
 
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
+
+    @property
+    def rpc_limit(self) -> int:
+        """RPCs in progress (running or queued for a thread) beyond which new ones get RESOURCE_EXHAUSTED."""
+        return self.max_concurrent_rpcs or 4 * self.workers
+
+    @property
+    def watch_limit(self) -> int:
+        """Open watch streams, server-wide: at most half the threads, so unary RPCs always find one."""
+        return self.max_watches or max(1, self.workers // 2)
 
     @property
     def address(self) -> str:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any, Callable
 
+from services.common.checks import register_common
 from services.common.jobstore import JobStore
+from services.common.limits import limit_stream
 from services.common.log import setup_logging
 from services.common.s3store import S3Store
 from services.common.server import Server
@@ -21,7 +23,9 @@ def build(stage: str, service_name: str, add_to_server: Callable[[Any, Any], Non
     jobs = JobStore.connect(store, settings.redis_url, namespace=f"cfrseg:{settings.s3_bucket}")
     fn = load_impl(impl or settings.stage_impl or default_impl)
     servicer = servicer_cls(stage, fn, store, jobs, settings)
-    server = Server(settings, tokens=[settings.internal_token], service_names=[service_name])
+    server = Server(settings, tokens=[settings.internal_token], service_names=[service_name], name=stage)
+    servicer.Watch = limit_stream(servicer.Watch, server.watches)  # type: ignore[method-assign]
+    register_common(server.monitor, settings)  # S3 and Redis reachable (weights/GPU: the stage's own checks)
     add_to_server(servicer, server.grpc)
     server.on_stop(servicer.shutdown)
     return server, servicer

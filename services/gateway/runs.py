@@ -19,6 +19,7 @@ from services.common.errors import ServiceError
 from services.common.jobstore import JobStore
 from services.common.s3store import S3Store
 from services.gateway.datasets import Datasets, request_hash, request_key
+from services.gateway.overrides import check_overrides
 from services.gen.cfrseg.v1 import common_pb2, gateway_pb2
 from services.orchestrator.records import (
     FINAL_STATES,
@@ -57,6 +58,7 @@ def resolve_configs(profile: str, ssl_method: str, overrides_json: str) -> dict[
         unknown = sorted(set(over) - set(SECTIONS))
         if unknown:
             raise InputError(f"config_overrides_json: unknown section(s) {unknown}; known: {list(SECTIONS)}")
+        check_overrides(over)  # allow-list with bounds: no file paths, no device, bounded sizes
         for sec, vals in over.items():
             prof[sec] = {**prof.get(sec, {}), **vals}
     try:

@@ -28,6 +28,7 @@ from services.gen.cfrseg.v1 import common_pb2, gateway_pb2
 from services.orchestrator.records import check_id, new_id
 
 CHUNK_MAX = 1 << 20
+DEFAULT_MAX_VOXELS = 512 * 512 * 1024  # CFRSEG_MAX_VOXELS: 268 M voxels (1 GiB as float32)
 #: Single-file formats accepted for upload (multi-file formats like .mhd/.nhdr cannot travel as one stream).
 UPLOAD_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -86,10 +87,23 @@ def receive_chunks(chunks: Iterator[bytes], dest: Path, filename: str, size: int
     return Received(dest, upload_suffix(filename), n, digest)
 
 
-def check_volume(path: Path, filename: str) -> dict:
-    """The core's reader: a readable, complete, 3D scalar volume. Returns its geometry for the metadata."""
+def check_size(path: Path, filename: str, max_voxels: int) -> None:
+    """Refuse a file whose header claims more than ``max_voxels`` voxels, before anything is decompressed."""
+    from cfrseg.data.header import read_header
+
+    h = read_header(path, f"upload {filename!r}")
+    if h.voxels > max_voxels:
+        raise InputError(f"upload {filename!r}: the header claims {' x '.join(map(str, h.shape))} = {h.voxels:,} "
+                         f"voxels, more than the limit of {max_voxels:,} (CFRSEG_MAX_VOXELS); crop or resample "
+                         f"the volume")
+
+
+def check_volume(path: Path, filename: str, max_voxels: int = DEFAULT_MAX_VOXELS) -> dict:
+    """The header within the voxel limit, then the core's reader: a readable, complete, 3D scalar volume.
+    Returns its geometry for the metadata."""
     from cfrseg.data.io import read_volume
 
+    check_size(path, filename, max_voxels)
     try:
         v = read_volume(path)
     except InputError as e:
@@ -101,10 +115,12 @@ def check_volume(path: Path, filename: str) -> dict:
 class Uploads:
     """Upload storage in the object store (bucket root)."""
 
-    def __init__(self, store: S3Store, tmp_dir: str | None, max_bytes: int) -> None:
+    def __init__(self, store: S3Store, tmp_dir: str | None, max_bytes: int,
+                 max_voxels: int = DEFAULT_MAX_VOXELS) -> None:
         self.store = store
         self.tmp_dir = tmp_dir
         self.max_bytes = max_bytes
+        self.max_voxels = max_voxels
 
     def temp_dir(self) -> tempfile.TemporaryDirectory:
         return tempfile.TemporaryDirectory(dir=self.tmp_dir, prefix="cfrseg-gw-")
@@ -123,7 +139,7 @@ class Uploads:
             return self.store_file(got, hd.filename, hd.kind)
 
     def store_file(self, got: Received, filename: str, kind: int) -> gateway_pb2.Upload:
-        info = check_volume(got.path, filename)
+        info = check_volume(got.path, filename, self.max_voxels)
         upload_id = new_id("up")
         key = f"uploads/{upload_id}/volume{got.suffix}"
         with open(got.path, "rb") as f:

@@ -17,7 +17,7 @@ from celery.exceptions import Retry
 
 from services.common.jobstore import JobStore
 from services.common.s3store import S3Store
-from services.common.server import channel
+from services.common.server import internal_channel
 from services.common.settings import Settings
 from services.gen.cfrseg.v1 import finetune_pb2_grpc, pseudolabel_pb2_grpc, retrain_pb2_grpc
 from services.orchestrator import engine
@@ -40,8 +40,7 @@ class WorkerEnv:
         self.settings = settings
         self.store = S3Store.from_settings(settings)
         self.jobs = JobStore.connect(self.store, settings.redis_url)
-        stubs = {s: cls(channel(settings.addrs[s], settings.internal_token, ca_cert=settings.tls_ca,
-                                settings=settings)) for s, cls in STUBS.items()}
+        stubs = {s: cls(internal_channel(settings.addrs[s], settings)) for s, cls in STUBS.items()}
         self.engine = engine.Env(store=self.store, stubs=stubs,
                                  poll_s=float(os.environ.get("CFRSEG_POLL_S", "1.0")),
                                  unavailable_limit_s=float(os.environ.get("CFRSEG_UNAVAILABLE_LIMIT_S", "600")),
