@@ -1,11 +1,15 @@
 """``cfrseg client``: a command-line client of the gateway (on :mod:`services.sdk`).
 
-    cfrseg client [--address A] [--token T | --token-file F] [--tls-ca CA] [--stack-dir .stack] COMMAND ...
+    cfrseg client [--address A] [--token T | --token-file F] [--tls-ca CA [--tls-cert C --tls-key K]]
+                  [--tls-server-name N] [--stack-dir .stack] COMMAND ...
 
+The connection options may also follow the command (``cfrseg client list --stack-dir .stack``).
 Address and token default to $CFRSEG_ADDRESS / $CFRSEG_TOKEN, else the local stack's ``stack.json``/``token``.
-Commands: upload-dataset, submit, watch, get, list, cancel, models, artifacts, fetch, segment.
-Exit status: 0 ok, 1 the run ended FAILED/CANCELLED (watch/submit --watch), 2 an error (printed as
-``error: CODE: message``).
+TLS: ``--tls-ca`` (default $CFRSEG_CLIENT_CA), client certificate ``--tls-cert``/``--tls-key`` (default
+$CFRSEG_CLIENT_CERT/$CFRSEG_CLIENT_KEY); a local stack started with ``--tls`` is used with its own CA.
+Commands: upload-dataset, submit, watch, get, list, cancel, models, artifacts, fetch, segment, health.
+Exit status: 0 ok, 1 the run ended FAILED/CANCELLED (watch/submit --watch) or something is not healthy (health),
+2 an error (printed as ``error: CODE: message``, plus a ``hint:`` line for the usual TLS mistakes).
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Any
+
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no gRPC core INFO lines (TLS handshake failures) on stderr
 
 import grpc
 
@@ -30,14 +36,23 @@ def _connect(a: argparse.Namespace) -> Client:
     token = a.token or os.environ.get("CFRSEG_TOKEN", "")
     if a.token_file:
         token = Path(a.token_file).read_text().strip()
+    ca, cert, key = a.tls_ca, a.tls_cert, a.tls_key
     if not address and (d / "stack.json").is_file():
-        address = json.loads((d / "stack.json").read_text())["gateway"]
+        st = json.loads((d / "stack.json").read_text())
+        address = st["gateway"]
+        tls = st.get("tls") or {}
+        ca = ca or tls.get("ca", "")
+        if tls.get("client_required"):
+            cert, key = cert or tls.get("client_cert", ""), key or tls.get("client_key", "")
     if not token and (d / "token").is_file():
         token = (d / "token").read_text().strip()
     if not address or not token:
         raise SystemExit("error: no gateway address/token: pass --address and --token (or --token-file), set "
                          "CFRSEG_ADDRESS/CFRSEG_TOKEN, or start a local stack (cfrseg stack up)")
-    return Client(address, token, a.tls_ca or None)
+    if bool(cert) != bool(key):
+        raise SystemExit("error: a client certificate needs both --tls-cert and --tls-key "
+                         "(or CFRSEG_CLIENT_CERT and CFRSEG_CLIENT_KEY)")
+    return Client(address, token, ca or None, cert or None, key or None, server_name=a.tls_server_name or None)
 
 
 def _run_line(r: Any) -> str:
@@ -80,13 +95,25 @@ def _watch(c: Client, run_id: str, quiet: bool = False) -> int:
 
 
 def cmd_upload_dataset(c: Client, a: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     labeled: Any = a.labeled
     if labeled is not None and not labeled.isdigit():
         labeled = [x for x in labeled.split(",") if x]
     elif labeled is not None:
         labeled = int(labeled)
-    ds = c.create_dataset(a.folder, name=a.name, num_classes=a.num_classes, labeled=labeled, holdout=a.holdout,
-                          test=[x for x in a.test.split(",") if x])
+    bar = tqdm(desc="upload", unit="case", dynamic_ncols=True)
+
+    def progress(case_id: str, done: int, total: int) -> None:
+        bar.total = total
+        bar.set_postfix_str(case_id, refresh=False)
+        bar.update(done - bar.n)
+
+    try:
+        ds = c.create_dataset(a.folder, name=a.name, num_classes=a.num_classes, labeled=labeled,
+                              holdout=a.holdout, test=[x for x in a.test.split(",") if x], progress=progress)
+    finally:
+        bar.close()
     print(f"dataset {ds.dataset_id}: {ds.num_labeled} labeled, {ds.num_unlabeled} unlabeled, {ds.num_test} test "
           f"({ds.num_classes} classes)")
     return 0
@@ -166,16 +193,60 @@ def cmd_segment(c: Client, a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="cfrseg client", description="gRPC client of the cfrseg gateway")
-    ap.add_argument("--address", default="", help="gateway host:port (default $CFRSEG_ADDRESS or the local stack)")
-    ap.add_argument("--token", default="", help="bearer token (default $CFRSEG_TOKEN or the local stack's)")
-    ap.add_argument("--token-file", default="", help="file holding the token")
-    ap.add_argument("--tls-ca", default=os.environ.get("CFRSEG_TLS_CA", ""), help="CA bundle (PEM) for TLS")
-    ap.add_argument("--stack-dir", default=".stack", help="local stack folder (default .stack)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def cmd_health(c: Client, a: argparse.Namespace) -> int:
+    rep = c.health(include_components=not a.gateway_only)
+    ok = rep.serving
+    for r in [rep, *rep.components]:
+        state = "SERVING" if r.serving else "NOT SERVING"
+        print(f"{r.service:12s} {state:12s} {r.address or c.address}")
+        if r.error:
+            print(f"  unreachable: {r.error}")
+        for ch in r.checks:
+            note = "" if ch.critical else " (reported only)"
+            print(f"  {'ok' if ch.ok else 'FAIL':4s}  {ch.name:12s} {ch.reason}{note}".rstrip())
+        ok &= r.serving
+    return 0 if ok else 1
 
-    p = sub.add_parser("upload-dataset", help="upload a dataset folder (images/ + labels/, nnU-Net, ...)")
+
+def _connection_options() -> argparse.ArgumentParser:
+    """The connection options, accepted before and after the command (defaults filled in by :func:`parse`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection (before or after the command)")
+    S = argparse.SUPPRESS
+    g.add_argument("--address", default=S, help="gateway host:port (default $CFRSEG_ADDRESS or the local stack)")
+    g.add_argument("--token", default=S, help="bearer token (default $CFRSEG_TOKEN or the local stack's)")
+    g.add_argument("--token-file", default=S, help="file holding the token")
+    g.add_argument("--tls-ca", default=S, metavar="CA", help="CA bundle (PEM) to verify the gateway: TLS "
+                   "(default $CFRSEG_CLIENT_CA; a --tls local stack's own CA)")
+    g.add_argument("--tls-cert", default=S, metavar="CERT", help="client certificate (PEM) for mTLS "
+                   "(default $CFRSEG_CLIENT_CERT)")
+    g.add_argument("--tls-key", default=S, metavar="KEY", help="its private key (default $CFRSEG_CLIENT_KEY)")
+    g.add_argument("--tls-server-name", default=S, metavar="NAME",
+                   help="check the gateway's certificate against this name instead of the address's host")
+    g.add_argument("--stack-dir", default=S, help="local stack folder (default .stack)")
+    return p
+
+
+def _defaults() -> dict[str, str]:
+    env = os.environ
+    return {"address": "", "token": "", "token_file": "", "tls_ca": env.get("CFRSEG_CLIENT_CA", ""),
+            "tls_cert": env.get("CFRSEG_CLIENT_CERT", ""), "tls_key": env.get("CFRSEG_CLIENT_KEY", ""),
+            "tls_server_name": "", "stack_dir": ".stack"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    conn = _connection_options()
+    ap = argparse.ArgumentParser(prog="cfrseg client", description="gRPC client of the cfrseg gateway",
+                                 parents=[conn])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    _add_parser = sub.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[conn], **kw)
+
+    sub.add_parser = add_parser  # type: ignore[method-assign]
+
+    p = sub.add_parser("upload-dataset", help="upload a dataset folder (LA h5 layout, nnU-Net, images/ + labels/)")
     p.add_argument("folder")
     p.add_argument("--name", default=None)
     p.add_argument("--num-classes", type=int, default=None)
@@ -221,16 +292,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input")
     p.add_argument("output")
     p.set_defaults(func=cmd_segment)
+    p = sub.add_parser("health", help="the gateway's and the stage services' health checks, with reasons")
+    p.add_argument("--gateway-only", action="store_true", help="do not ask the stage services")
+    p.set_defaults(func=cmd_health)
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     a = build_parser().parse_args(argv)
+    for k, v in _defaults().items():
+        if not hasattr(a, k):
+            setattr(a, k, v)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse(argv)
+    c = None
     try:
         with _connect(a) as c:
             return int(a.func(c, a))
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        hint = c.explain(e) if c is not None else ""
+        if hint:
+            print(f"hint: {hint}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,12 +1,14 @@
 """The local stack without Docker: redis-server, an S3 server (nanio), the four gRPC services and a Celery worker
 as local processes on loopback ports, with logs under the stack folder.
 
-    cfrseg stack up [--dir .stack] [--ports gateway=50051,redis=16379,...] [--env K=V ...]
+    cfrseg stack up [--dir .stack] [--ports gateway=50051,redis=16379,...] [--env K=V ...] [--tls | --mtls]
     cfrseg stack status [--dir .stack]
     cfrseg stack down [--dir .stack]
 
 ``up`` writes ``DIR/stack.json`` (addresses, pids), ``DIR/token`` (the client token, mode 600) and logs in
-``DIR/logs/``; the processes keep running after the command returns. Tests use :class:`LocalStack` directly
+``DIR/logs/``; the processes keep running after the command returns. ``--tls`` makes a private CA and
+certificates in ``DIR/tls/`` and runs every gRPC hop over TLS; ``--mtls`` also makes the gateway require client
+certificates (``DIR/tls/client.pem``). ``cfrseg client --stack-dir DIR`` picks up both. Tests use :class:`LocalStack` directly
 (same entry points: ``python -m services.<name>``, ``python -m services.orchestrator``).
 """
 
@@ -54,11 +56,15 @@ def _exe(name: str) -> str:
     return found
 
 
-def health_ok(addr: str) -> bool:
+def health_ok(addr: str, ca: str = "", cert: str = "", key: str = "") -> bool:
+    """The standard health check says SERVING (TLS with ``ca``; mTLS with ``cert``/``key``)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(addr) as ch:
+    from services.common.tls import channel_credentials
+
+    ch = grpc.secure_channel(addr, channel_credentials(ca, cert, key)) if ca else grpc.insecure_channel(addr)
+    with ch:
         r = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
         return r.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -77,11 +83,36 @@ class LocalStack:
     bucket: str = "cfrseg"
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     detach: bool = False                                       # survive the parent (cfrseg stack up)
+    tls: bool = False                                          # every gRPC hop over TLS (a private CA in DIR/tls)
+    mtls: bool = False                                         # and the gateway requires client certificates
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir).absolute()
+        self.tls = self.tls or self.mtls
         for n in ("redis", "s3", *SERVICES):
             self.ports.setdefault(n, free_port())
+
+    # ---- TLS ----
+    @property
+    def tls_files(self) -> dict[str, Path]:
+        """``ca``, ``server_cert``/``server_key`` (every service), ``client_cert``/``client_key`` (clients)."""
+        d = self.dir / "tls"
+        return {"ca": d / "ca.pem", "server_cert": d / "server.pem", "server_key": d / "server.key",
+                "client_cert": d / "client.pem", "client_key": d / "client.key"}
+
+    def make_certs(self) -> None:
+        """The private CA and the certificates, once (kept across restarts of the stack)."""
+        if not all(p.is_file() for p in self.tls_files.values()):
+            from services.common.certs import make_local_pki
+
+            make_local_pki(self.dir / "tls", server_names=("localhost", HOST))
+
+    def probe(self, name: str) -> bool:
+        """Health SERVING of a gRPC service of this stack (over TLS/mTLS when the stack uses it)."""
+        if not self.tls:
+            return health_ok(self.addr(name))
+        f = self.tls_files
+        return health_ok(self.addr(name), str(f["ca"]), str(f["client_cert"]), str(f["client_key"]))
 
     # ---- addresses and environment ----
     def addr(self, name: str) -> str:
@@ -104,6 +135,12 @@ class LocalStack:
         }
         if name == "gateway":
             env["CFRSEG_TOKEN"] = self.token
+        if self.tls:
+            f = self.tls_files
+            env.update(CFRSEG_TLS_CERT=str(f["server_cert"]), CFRSEG_TLS_KEY=str(f["server_key"]),
+                       CFRSEG_INTERNAL_CA=str(f["ca"]))
+            if self.mtls and name == "gateway":
+                env["CFRSEG_TLS_CLIENT_CA"] = str(f["ca"])
         env.update(self.env)
         return env
 
@@ -141,7 +178,7 @@ class LocalStack:
         elif name in SERVICES:
             p = self._popen(name, [sys.executable, "-m", f"services.{name}", "--host", HOST,
                                    "--port", str(self.ports[name])], self.service_env(name))
-            self._wait(name, lambda: health_ok(self.addr(name)), timeout)
+            self._wait(name, lambda: self.probe(name), timeout)
         else:
             raise ValueError(f"unknown process {name!r}; one of {NAMES}")
         return p
@@ -172,6 +209,8 @@ class LocalStack:
 
     def up(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        if self.tls:
+            self.make_certs()
         try:
             for name in NAMES:
                 self.start(name)
@@ -206,9 +245,14 @@ class LocalStack:
 
     # ---- the state file of `cfrseg stack up` ----
     def state(self) -> dict:
-        return {"dir": str(self.dir), "ports": self.ports, "gateway": self.addr("gateway"),
-                "pids": {n: p.pid for n, p in self.procs.items()}, "bucket": self.bucket,
-                "s3_endpoint": self.addr("s3"), "redis_url": self.redis_url}
+        st = {"dir": str(self.dir), "ports": self.ports, "gateway": self.addr("gateway"),
+              "pids": {n: p.pid for n, p in self.procs.items()}, "bucket": self.bucket,
+              "s3_endpoint": self.addr("s3"), "redis_url": self.redis_url}
+        if self.tls:
+            f = self.tls_files
+            st["tls"] = {"ca": str(f["ca"]), "client_cert": str(f["client_cert"]),
+                         "client_key": str(f["client_key"]), "client_required": self.mtls}
+        return st
 
     def save(self) -> None:
         (self.dir / "stack.json").write_text(json.dumps(self.state(), indent=2))
@@ -243,11 +287,15 @@ def _signal(pid: int, sig: int) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (an exited child nobody reaped yet counts as gone)."""
     try:
         os.kill(pid, 0)
-        return True
     except (ProcessLookupError, PermissionError):
         return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _parse_ports(text: str) -> dict[str, int]:
@@ -280,11 +328,12 @@ def cmd_up(a: argparse.Namespace) -> int:
         print(f"port(s) in use: {', '.join(busy)}; choose others with --ports or --free-ports", file=sys.stderr)
         return 1
     env = dict(e.split("=", 1) for e in a.env)
-    stack = LocalStack(d, ports=ports, env=env, detach=True)
+    stack = LocalStack(d, ports=ports, env=env, detach=True, tls=a.tls, mtls=a.mtls)
     t0 = time.monotonic()
     stack.up()
     stack.save()
-    print(f"stack up in {time.monotonic() - t0:.1f} s: gateway {stack.addr('gateway')}, logs in {d / 'logs'}")
+    mode = " (mTLS)" if stack.mtls else (" (TLS)" if stack.tls else "")
+    print(f"stack up in {time.monotonic() - t0:.1f} s: gateway {stack.addr('gateway')}{mode}, logs in {d / 'logs'}")
     print(f"token in {d / 'token'}; try: cfrseg client --stack-dir {d} list")
     return 0
 
@@ -313,6 +362,7 @@ def cmd_down(a: argparse.Namespace) -> int:
 
 def cmd_status(a: argparse.Namespace) -> int:
     st = _load_state(Path(a.dir))
+    tls = st.get("tls") or {}
     ok = True
     for name in NAMES:
         pid = st.get("pids", {}).get(name)
@@ -321,7 +371,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         extra = ""
         if alive and name in SERVICES:
             try:
-                extra = "SERVING" if health_ok(f"{HOST}:{port}") else "NOT_SERVING"
+                extra = "SERVING" if health_ok(f"{HOST}:{port}", tls.get("ca", ""), tls.get("client_cert", ""),
+                                               tls.get("client_key", "")) else "NOT_SERVING"
             except Exception:  # noqa: BLE001
                 extra = "no answer"
         ok &= alive
@@ -330,21 +381,33 @@ def cmd_status(a: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="cfrseg stack", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="cmd", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default=argparse.SUPPRESS,
+                        help="state, logs and data folder (default .stack; before or after the command)")
+    ap = argparse.ArgumentParser(prog="cfrseg stack", description=__doc__.split("\n\n")[0], parents=[common])
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     for name, fn, helptext in (("up", cmd_up, "start the stack"), ("down", cmd_down, "stop it"),
                                ("status", cmd_status, "show its processes")):
-        p = sub.add_parser(name, help=helptext)
-        p.add_argument("--dir", default=".stack", help="state, logs and data folder (default .stack)")
+        p = sub.add_parser(name, help=helptext, parents=[common])
         if name == "up":
             p.add_argument("--ports", default="", help="NAME=PORT,... for gateway, finetune, pseudolabel, "
                                                        f"retrain, redis, s3 (defaults {DEFAULT_PORTS})")
             p.add_argument("--free-ports", action="store_true", help="pick free ports for those not given")
             p.add_argument("--env", action="append", default=[], metavar="K=V",
                            help="extra environment for the services and worker (e.g. CFRSEG_DEVICE=cpu)")
+            p.add_argument("--tls", action="store_true",
+                           help="TLS on every gRPC hop, with a private CA made in DIR/tls (docs/tls.md)")
+            p.add_argument("--mtls", action="store_true",
+                           help="--tls, and the gateway requires client certificates (DIR/tls/client.pem)")
         p.set_defaults(func=fn)
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if not hasattr(a, "dir"):
+        a.dir = ".stack"
     return int(a.func(a))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -85,10 +86,56 @@ def test_stack_and_client(stack_dir, capsys, tmp_path):
 def test_stack_down_stops_everything(tmp_path):
     need_servers()
     d = tmp_path / ".stack"
-    assert cfrseg("stack", "up", "--dir", str(d), "--free-ports").returncode == 0
+    r = cfrseg("stack", "up", "--dir", str(d), "--free-ports")
+    assert r.returncode == 0
+    # the printed hint works as printed (leading client options before the command)
+    hint = next(line for line in r.stdout.splitlines() if "try: cfrseg client" in line).split("try: cfrseg ", 1)[1]
+    h = cfrseg(*shlex.split(hint))
+    assert h.returncode == 0 and not h.stderr.strip(), h.stderr
     pids = json.loads((d / "stack.json").read_text())["pids"]
     r = cfrseg("stack", "down", "--dir", str(d))
     assert r.returncode == 0 and r.stdout.count("stopped") == 7
     for pid in pids.values():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
     assert cfrseg("stack", "status", "--dir", str(d)).returncode == 1
+
+
+@pytest.mark.la
+def test_upload_dataset_takes_the_la_h5_layout(stack_dir, la_dir, la_ids, tmp_path):
+    """The LA layout (train.list + <id>/mri_norm2.h5) through the real CLI: converted on the client side to
+    NIfTI with the LA geometry (0.625 mm), voxels and labels unchanged."""
+    import numpy as np
+    from minio import Minio
+
+    from cfrseg.data.io import read_la_h5, read_volume
+    from services.sdk import Client, state_name
+
+    ids = la_ids[:3]
+    root = tmp_path / "la"
+    root.mkdir()
+    for i in ids:
+        (root / i).symlink_to((la_dir / i).resolve(), target_is_directory=True)
+    (root / "train.list").write_text("\n".join(ids) + "\n")
+    r = cfrseg("client", "upload-dataset", str(root), "--labeled", "1", "--holdout", "1", "--stack-dir",
+               str(stack_dir))
+    assert r.returncode == 0, r.stderr
+    assert "1 labeled, 1 unlabeled, 1 test (2 classes)" in r.stdout
+    ds_id = r.stdout.split()[1].rstrip(":")
+
+    st = json.loads((stack_dir / "stack.json").read_text())
+    s3 = Minio(st["s3_endpoint"], access_key="cfrseg", secret_key=(stack_dir / "s3_secret_key").read_text().strip(),
+               secure=False, region="us-east-1")
+    with Client(st["gateway"], (stack_dir / "token").read_text().strip()) as c:
+        ds = c.get_dataset(ds_id)
+        by_id = {x.case_id: x for x in ds.cases}
+        assert list(by_id) == ids and not by_id[ids[1]].label_upload_id  # the unlabeled case's label stays home
+        for cid, what, up in ((ids[0], "image", by_id[ids[0]].image_upload_id),
+                              (ids[0], "label", by_id[ids[0]].label_upload_id),
+                              (ids[2], "label", by_id[ids[2]].label_upload_id)):
+            local = tmp_path / f"{cid}-{what}.nii.gz"
+            s3.fget_object(st["bucket"], f"uploads/{up}/volume.nii.gz", str(local))
+            got, want = read_volume(local), read_la_h5(la_dir / cid / "mri_norm2.h5", what)
+            assert got.spacing == pytest.approx((0.625, 0.625, 0.625)) and got.shape == want.shape
+            assert np.array_equal(got.array, want.array), (cid, what)
+        run = c.submit_run(ds_id, profile="tiny")
+        assert state_name(c.wait_run(run.run_id, timeout=120).state) == "SUCCEEDED"

@@ -221,15 +221,23 @@ def weights_fetch_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``cfrseg stack ...`` / ``cfrseg client ...``: their own parsers (services layer), reached before this one parses
+SERVICE_COMMANDS = {"stack": "services.stack", "client": "services.client"}
+
+
+def _run_services(module: str, argv: list[str]) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise CfrsegError(f"the service layer is not installed ({e}); run scripts/setup.sh") from None
+    return int(mod.main(argv) or 0)
+
+
 def _services_cmd(module: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as e:
-            raise CfrsegError(f"the service layer is not installed ({e}); run scripts/setup.sh") from None
-        return int(mod.main(args.rest) or 0)
+        return _run_services(module, args.rest)
 
     return run
 
@@ -313,8 +321,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv and argv[0] in SERVICE_COMMANDS:  # every option, --help included, goes to their own parser
+            return _run_services(SERVICE_COMMANDS[argv[0]], argv[1:])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except CfrsegError as e:
         print(f"error: {e}", file=sys.stderr)
