@@ -88,4 +88,4 @@ def cfrseg(*args: str, timeout: float = 180, env: dict[str, str] | None = None):
     root = Path(__file__).resolve().parent.parent
     full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
     return subprocess.run([sys.executable, "-m", "cfrseg.cli", *args], cwd=root, env=full, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+                          encoding="utf-8", errors="replace", timeout=timeout, check=False)

@@ -17,11 +17,15 @@ TIMEOUT_S = 3.0
 
 def s3_check(settings: Settings, timeout_s: float = TIMEOUT_S) -> Check:
     """The object store answers and the bucket exists (one HEAD bucket request, no retries)."""
+    import os
+
+    import certifi
     import urllib3
     from minio import Minio
 
     http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
-                               retries=urllib3.Retry(total=0, redirect=0), maxsize=1)
+                               retries=urllib3.Retry(total=0, redirect=0), maxsize=1, cert_reqs="CERT_REQUIRED",
+                               ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where())  # as minio's own
     client = Minio(settings.s3_endpoint, access_key=settings.s3_access_key, secret_key=settings.s3_secret_key,
                    secure=settings.s3_secure, region=settings.s3_region, http_client=http)
     where = f"S3 endpoint {settings.s3_endpoint}"
@@ -89,6 +93,9 @@ def register_common(monitor, settings: Settings) -> None:
 
 
 def _short(e: object, n: int = 200) -> str:
+    reason = getattr(e, "reason", None)  # urllib3's MaxRetryError: the underlying error says what happened
+    if isinstance(e, BaseException) and isinstance(reason, BaseException):
+        e = reason
     text = str(e) if not isinstance(e, BaseException) else (f"{type(e).__name__}: {e}" if str(e) else
                                                                type(e).__name__)
     text = " ".join(text.split())
