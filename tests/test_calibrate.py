@@ -108,11 +108,11 @@ def test_stage_fits_once_matches_the_prior_and_refuses_mixed_stores(la_small, tm
     fg = np.mean([float((read_volume(p).array > 0).mean()) for p in res.paths.values()])
     assert fg == pytest.approx(cal["prior"][1], rel=0.25)
     # rerun: the stored weights are reused, nothing is recomputed
-    again = run_pseudolabel(cfg, m, out, finetuned=ft)
+    again = run_pseudolabel(cfg.replace(resume=True), m, out, finetuned=ft)
     assert again.calibration == cal and sorted(again.skipped) == sorted(res.labels)
     # labels made with another calibration are never mixed in
-    with pytest.raises(ConfigError, match="calibration 'prior'"):
-        run_pseudolabel(PseudolabelConfig(), m, out, finetuned=ft)
+    with pytest.raises(ConfigError, match="settings: calibration 'prior'->'none'"):
+        run_pseudolabel(PseudolabelConfig(resume=True), m, out, finetuned=ft)
     # SAM alone, scored with and without the weights: both valid, on the same case
     ev = evaluate_sam(PseudolabelConfig(roles=("labeled",)), m, ft, class_weights=res.class_weights)
     assert list(ev["cases"]) == [m.labeled[0].case_id]

@@ -68,14 +68,18 @@ def la_tree(root: Path, ids: list[str], shape=(10, 9, 8), label_value: int = 1) 
 
 def test_manifest_from_folders(tmp_path: Path) -> None:
     root = folder_tree(tmp_path)
-    m = manifest_from_folders(root / "images", root / "labels")
+    # num_classes is explicit: never guessed from the labeled cases' values
+    with pytest.raises(InputError, match=r"number of classes is not known.*--num-classes"):
+        manifest_from_folders(root / "images", root / "labels")
+    m = manifest_from_folders(root / "images", root / "labels", num_classes=3)
     assert [c.case_id for c in m.cases] == ["case0", "case1", "case2", "case3"]
     assert [c.role for c in m.cases] == ["labeled", "labeled", "labeled", "unlabeled"]
-    assert m.cases[3].label is None and m.num_classes == 3  # labels 1, 2, 1 -> 0..2
+    assert m.cases[3].label is None and m.num_classes == 3
+    assert m.names == ("background", "class_1", "class_2") and m.modality == "MR"
     m1 = manifest_from_folders(root / "images", root / "labels", labeled=1, num_classes=5)
     assert [c.role for c in m1.cases] == ["labeled", "unlabeled", "unlabeled", "unlabeled"]
     assert m1.cases[1].label is not None and m1.num_classes == 5
-    m2 = manifest_from_folders(root / "images", root / "labels", labeled=["case2"], holdout=1)
+    m2 = manifest_from_folders(root / "images", root / "labels", labeled=["case2"], holdout=1, num_classes=3)
     assert [c.role for c in m2.cases] == ["unlabeled", "unlabeled", "labeled", "test"]
     only_images = manifest_from_folders(root / "images", num_classes=2)
     assert {c.role for c in only_images.cases} == {"unlabeled"}
@@ -88,36 +92,36 @@ def test_manifest_from_folders(tmp_path: Path) -> None:
 def test_folders_bad_input(tmp_path: Path) -> None:
     root = folder_tree(tmp_path / "a", n=2, n_labels=2)
     with pytest.raises(InputError, match=r"asked for 3 labeled cases but only 2"):
-        manifest_from_folders(root / "images", root / "labels", labeled=3)
+        manifest_from_folders(root / "images", root / "labels", labeled=3, num_classes=3)
     with pytest.raises(InputError, match=r"labeled case id\(s\) \['nope'\] not found"):
-        manifest_from_folders(root / "images", root / "labels", labeled=["nope"])
+        manifest_from_folders(root / "images", root / "labels", labeled=["nope"], num_classes=3)
     # duplicate ids: the same case in two formats
     write_volume(img(), root / "images" / "case0.nrrd")
     with pytest.raises(InputError, match=r"duplicate case ids.*case0"):
-        manifest_from_folders(root / "images", root / "labels")
+        manifest_from_folders(root / "images", root / "labels", num_classes=3)
     # a label without an image
     b = folder_tree(tmp_path / "b", n=1, n_labels=1)
     write_volume(lab(), b / "labels" / "ghost.nii.gz", label=True)
     with pytest.raises(InputError, match=r"label\(s\) without a matching image.*ghost"):
-        manifest_from_folders(b / "images", b / "labels")
+        manifest_from_folders(b / "images", b / "labels", num_classes=2)
     # multi-channel
     c = folder_tree(tmp_path / "c", n=1, n_labels=1)
     write_volume(img(), c / "images" / "case0_0001.nii.gz")
     with pytest.raises(InputError, match=r"several channels"):
-        manifest_from_folders(c / "images", c / "labels")
+        manifest_from_folders(c / "images", c / "labels", num_classes=2)
     # ids that merely end in 4 digits are not channels; a label may carry its image's _0000 name
     e = tmp_path / "e"
     write_volume(img(), e / "images" / "case_0001.nii.gz")
     write_volume(img(), e / "images" / "case_0002_0000.nii.gz")
     write_volume(lab(), e / "labels" / "case_0001.nii.gz", label=True)
     write_volume(lab(), e / "labels" / "case_0002_0000.nii.gz", label=True)
-    me = manifest_from_folders(e / "images", e / "labels")
+    me = manifest_from_folders(e / "images", e / "labels", num_classes=2)
     assert [(c.case_id, c.role) for c in me.cases] == [("case_0001", "labeled"), ("case_0002", "labeled")]
     # empty label set and missing folders
     d = folder_tree(tmp_path / "d", n=1, n_labels=0)
     (d / "labels").mkdir()
     with pytest.raises(InputError, match=r"no label volumes found \(empty label set\)"):
-        manifest_from_folders(d / "images", d / "labels")
+        manifest_from_folders(d / "images", d / "labels", num_classes=2)
     with pytest.raises(InputError, match=r"images folder not found"):
         manifest_from_folders(tmp_path / "none")
 
@@ -140,6 +144,7 @@ def nnunet_tree(root: Path, meta: dict | str | None = None) -> Path:
 def test_manifest_from_nnunet_v2(tmp_path: Path) -> None:
     m = manifest_from_nnunet(nnunet_tree(tmp_path))
     assert m.name == "Dataset001_Toy" and m.num_classes == 3
+    assert m.names == ("background", "atrium", "wall") and m.modality == "MR"
     assert [(c.case_id, c.role) for c in m.cases] == [
         ("la_000", "labeled"), ("la_001", "labeled"), ("la_002", "labeled"), ("la_100", "test")]
     m1 = manifest_from_nnunet(tmp_path, labeled=1)
@@ -160,7 +165,7 @@ def test_manifest_from_msd(tmp_path: Path) -> None:
             "test": ["./imagesTs/la_050.nii.gz"]}
     (root / "dataset.json").write_text(json.dumps(meta))
     m = build_manifest(root)
-    assert m.num_classes == 2 and m.name == "LeftAtrium"
+    assert m.num_classes == 2 and m.name == "LeftAtrium" and m.names == ("background", "left atrium")
     assert [(c.case_id, c.role) for c in m.cases] == [("la_000", "labeled"), ("la_001", "labeled"),
                                                       ("la_050", "test")]
     assert {c.role for c in build_manifest(root, test=True).cases} == {"test"}
@@ -178,6 +183,8 @@ def test_manifest_from_msd(tmp_path: Path) -> None:
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "x": "one"}}, r"values must be integers"),
     ({"channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "x": 1}}, r"single-channel"),
     ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": [1, 2]}}, r"region-based"),
+    # {0, 7} is not an 8-class problem: labels must be consecutive 0..K-1
+    ({"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 7}}, r"consecutive.*\[1, 2, 3, 4, 5, 6\]"),
 ])
 def test_malformed_dataset_json(tmp_path: Path, meta, message: str) -> None:
     with pytest.raises(InputError, match=message):
@@ -198,10 +205,15 @@ def test_manifest_from_la_synthetic(tmp_path: Path) -> None:
     image, label = load_case(m.cases[4], m)  # unlabeled cases keep their label for evaluation
     assert label is not None and label.array.max() == 1 and image.spacing == (0.625, 0.625, 0.625)
     assert detect_layout(root) == "la"
-    t = build_manifest(root, test=True)
-    assert len(t.cases) == 6 and {c.role for c in t.cases} == {"test"}
+    # the LA test reader never falls back to train.list
+    with pytest.raises(InputError, match=r"no test\.list.*never used as a test set"):
+        build_manifest(root, test=True)
+    with pytest.raises(InputError, match=r"train\.list holds the training cases"):
+        manifest_from_la_test(root, "train.list")
     (root / "test.list").write_text("ID05\n")
     assert [c.case_id for c in manifest_from_la_test(root).cases] == ["ID05"]
+    t = build_manifest(root, test=True)
+    assert [c.case_id for c in t.cases] == ["ID05"] and {c.role for c in t.cases} == {"test"}
     with pytest.raises(InputError, match=r"labeled must be in \[0, 5\]"):
         manifest_from_la(root, labeled=6, holdout=1)
     (root / "bad.list").write_text("ID00\nID01\nID00\n")

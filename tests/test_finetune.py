@@ -146,9 +146,15 @@ def test_finetune_learns_on_la(la_dir, la_ids, tmp_path):
     assert events[-1].stage == "finetune" and events[-1].step == 40
     for key in ("finetune.pt", "checkpoint.pt", "config.json", "history.json", "loss.png"):
         assert LocalStore(tmp_path).exists(key), key
-    # a second call is a no-op
-    again = run_finetune(FinetuneConfig(**dict(TINY, iterations=40, lr=5e-3)), m, LocalStore(tmp_path))
+    # a second call is refused without resume, and a no-op with it (same data, settings, code)
+    cfg = FinetuneConfig(**dict(TINY, iterations=40, lr=5e-3))
+    with pytest.raises(ConfigError, match="already holds a finetune run.*--resume"):
+        run_finetune(cfg, m, LocalStore(tmp_path))
+    again = run_finetune(cfg.replace(resume=True), m, LocalStore(tmp_path))
     assert again.skipped and again.history == get_json(LocalStore(tmp_path), "history.json")
+    art = read_artifact(tmp_path)
+    assert art["class_names"] == ["background", "class_1"] and art["plan"]["orientation"] == "LPS"
+    assert art["provenance"]["manifest"] and art["provenance"]["code"]["version"]
 
 
 class CancelAfter:
@@ -180,7 +186,7 @@ def test_resume_is_bit_exact(la_dir, la_ids, tmp_path):
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
     a, b = read_artifact(tmp_path / "full")["delta"], read_artifact(part)["delta"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ConfigError, match="different settings"):
+    with pytest.raises(ConfigError, match=r"cannot resume.*settings: iterations 8->9, lr"):
         run_finetune(cfg.replace(resume=True, lr=1e-2, iterations=9), m, part)
 
 

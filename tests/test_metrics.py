@@ -31,7 +31,7 @@ def test_overlapping_cubes_exact_dice_jaccard() -> None:
     gt = cube((20, 20, 20), (2, 2, 2), 10)
     pred = cube((20, 20, 20), (7, 2, 2), 10)  # overlap 5x10x10 = 500 of 1000 each
     r = compute_case(pred, gt, (1.0, 1.0, 1.0), 2)
-    assert list(r) == list(METRICS)
+    assert list(r) == [*METRICS, "both_empty"] and r["both_empty"] == [False]
     assert r["dice"] == [pytest.approx(2 * 500 / 2000)]
     assert r["jaccard"] == [pytest.approx(500 / 1500)]
 
@@ -73,8 +73,25 @@ def test_empty_policy() -> None:
         r = compute_case(pred, truth, (1, 1, 1), 2)
         assert r["dice"] == [0.0] and r["jaccard"] == [0.0]
         assert math.isnan(r["asd"][0]) and math.isnan(r["hd95"][0])
+    # both empty: excluded (NaN, flagged), never a perfect 1
     r = compute_case(empty, empty, (1, 1, 1), 2)
-    assert r == {"dice": [1.0], "jaccard": [1.0], "asd": [0.0], "hd95": [0.0]}
+    assert r["both_empty"] == [True] and all(math.isnan(r[m][0]) for m in METRICS)
+
+
+def test_both_empty_is_excluded_and_missing_structures_count() -> None:
+    """Multi-class: a class absent from a case's truth and prediction does not flatter the class mean (it is
+    excluded, not 1); a structure the prediction misses counts as Dice 0 and as one n_nan for the distances."""
+    gt = cube((12, 12, 12), (1, 1, 1), 4) + 2 * cube((12, 12, 12), (6, 6, 6), 4)
+    only1 = cube((12, 12, 12), (1, 1, 1), 4)             # truth without class 2
+    cases = [compute_case(gt, gt, (1, 1, 1), 3),           # perfect on both classes
+             compute_case(only1, only1, (1, 1, 1), 3),     # class 2 absent from both: excluded
+             compute_case(only1, gt, (1, 1, 1), 3)]        # class 2 missed: Dice 0, distances NaN
+    s = summarize(cases)["metrics"]
+    assert s["dice"]["mean"][1] == pytest.approx(0.5) and s["dice"]["n"][1] == 2
+    assert s["dice"]["n_excluded"] == [0, 1] and s["dice"]["n_nan"] == [0, 0]
+    assert s["hd95"]["n_nan"] == [0, 1] and s["hd95"]["n"] == [3, 1]
+    table = format_table(summarize(cases), cases={"a": cases[1]})
+    assert "excluded" in table and "(n_nan 1)" in table
 
 
 def test_multiclass_per_class_values() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -56,9 +58,11 @@ def test_pseudolabels_in_source_geometry_and_resumable(la_small, tmp_path):
         assert lab.array.dtype == np.uint8 and set(np.unique(lab.array)) <= {0, 1}
         assert conf.array.min() >= 0.5 - 1e-6 and conf.array.max() <= 1.0     # max of 2 probabilities
         assert key == f"labels/{cid}.nii.gz"
-    # rerun: everything skipped, files untouched
+    # rerun: refused without resume; with resume everything is skipped, files untouched
     mtimes = {k: out.path(k).stat().st_mtime_ns for k in out.list("labels/")}
-    again = run_pseudolabel(PseudolabelConfig(), m, out, finetuned=ft)
+    with pytest.raises(ConfigError, match="already holds a pseudolabel run"):
+        run_pseudolabel(PseudolabelConfig(), m, out, finetuned=ft)
+    again = run_pseudolabel(PseudolabelConfig(resume=True), m, out, finetuned=ft)
     assert sorted(again.skipped) == sorted(res.labels)
     assert {k: out.path(k).stat().st_mtime_ns for k in out.list("labels/")} == mtimes
     # the manifest takes the paths
@@ -71,10 +75,14 @@ def test_missing_finetune_and_foreign_store(la_small, tmp_path):
     m, ft = la_small
     with pytest.raises(NotFoundError, match="finetune.pt"):
         run_pseudolabel(PseudolabelConfig(), m, LocalStore(tmp_path / "o"), finetuned=LocalStore(tmp_path / "none"))
+    # a store holding labels of another fine-tuned SAM is refused, resume or not
     out = LocalStore(tmp_path / "pl")
-    out.put_bytes("source.json", b'{"finetune_sha256": "abc"}')
-    with pytest.raises(ConfigError, match="another fine-tuned"):
-        run_pseudolabel(PseudolabelConfig(), m, out, finetuned=ft)
+    run_pseudolabel(PseudolabelConfig(roles=("labeled",)), m, out, finetuned=ft)
+    prov = json.loads(out.get_bytes("provenance.json"))
+    prov["inputs"]["finetune_sha256"] = "abc"
+    out.put_bytes("provenance.json", json.dumps(prov).encode())
+    with pytest.raises(ConfigError, match="input finetune_sha256: abc"):
+        run_pseudolabel(PseudolabelConfig(roles=("labeled",), resume=True), m, out, finetuned=ft)
 
 
 @pytest.mark.la

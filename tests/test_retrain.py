@@ -71,8 +71,8 @@ def test_bad_config_values(bad, match):
 
 
 def test_config_json_roundtrip_and_unknown_key():
-    c = _cfg(zoom=0.5)
-    assert c.zoom == (0.5, 0.5, 0.5)
+    c = _cfg(zoom=0.5)       # the legacy alias: zoom 0.5 = a working grid twice as coarse as the plan's
+    assert c.zoom is None and c.spacing_factor == (2.0, 2.0, 2.0)
     assert RetrainConfig.from_dict(json.loads(c.to_json())) == c
     with pytest.raises(ConfigError, match="unknown option"):
         RetrainConfig.from_dict({"iteration": 5})
@@ -93,6 +93,8 @@ def test_each_method_learns(ssl, la2, tmp_path):
     events: list[ProgressEvent] = []
     res = run_retrain(_cfg(ssl=ssl, iterations=30), la2, LocalStore(tmp_path), progress=events.append)
     hist = json.loads((tmp_path / "history.json").read_text())
+    assert [e.message for e in events[:2]] == [f"fingerprint {c.case_id}" for c in la2.cases]   # planning
+    events = [e for e in events if e.losses]
     assert res.iterations == 30 and len(hist) == 30 and len(events) == 30
     assert events[-1].stage == "retrain" and events[-1].step == 30 and "loss" in events[-1].losses
     first, last = _first_last(hist, "sup")
@@ -103,7 +105,9 @@ def test_each_method_learns(ssl, la2, tmp_path):
         assert (tmp_path / key).is_file(), key
     art = torch.load(tmp_path / "model.pt", weights_only=True)
     assert art["student"] is not None and art["teacher"] is not None and art["evaluate"] == "teacher"
-    assert art["preprocess"]["zoom"] == (0.5, 0.5, 0.5)
+    assert art["preprocess"]["normalize"] == "plan" and art["preprocess"]["spacing_factor"] == (2.0, 2.0, 2.0)
+    assert art["preprocess"]["plan"]["target_spacing"] == [0.625] * 3
+    assert art["class_names"] == ["background", "left_atrium"] and art["provenance"]["training_images"]
 
 
 def _same_weights(a, b):
@@ -126,7 +130,8 @@ def test_resume_is_bit_exact_and_cancel_checkpoints(la2_pl, tmp_path):
     run_retrain(cfg, la2_pl, straight)
     crashed = LocalStore(tmp_path / "b")
     with pytest.raises(Cancelled):
-        run_retrain(cfg, la2_pl, crashed, cancel=_CancelAfter(5))
+        # the planning (fingerprint) polls the flag once per case before training starts
+        run_retrain(cfg, la2_pl, crashed, cancel=_CancelAfter(5 + len(la2_pl.cases)))
     ck = load_checkpoint(crashed)
     assert ck["iteration"] == 5 and not crashed.exists("model.pt")
     torch.manual_seed(12345)  # the caller's RNG must not matter: the checkpoint restores it
@@ -148,7 +153,7 @@ def test_resume_refuses_other_settings_and_finished_is_idempotent(la2, tmp_path)
     assert res.iterations == 4 and (tmp_path / "checkpoint.pt").stat().st_mtime_ns == mtime
     assert events[-1].message == "already finished"
     store.delete("model.pt")
-    with pytest.raises(ConfigError, match="lr"):
+    with pytest.raises(ConfigError, match="settings: lr 0.02->0.5"):
         run_retrain(cfg.replace(resume=True, lr=0.5), la2, store)
 
 

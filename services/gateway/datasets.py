@@ -3,7 +3,7 @@ cfrseg manifest whose file fields are object keys) and ``datasets/{dataset_id}/d
 
 Validation downloads the files to a temp folder and runs the core's checks (:func:`cfrseg.data.datasets.load_case`:
 readable 3D images with finite values, label geometry equal to the image's, integer label values in
-``[0, num_classes)``, foreground in labeled cases). Messages name the case and the uploaded file, never the
+``[0, num_classes)``, foreground in labeled cases; every declared class has voxels in the labeled cases). Messages name the case and the uploaded file, never the
 temp path.
 """
 
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 from google.protobuf import json_format
 
 from cfrseg.data.manifest import Case, Manifest
@@ -122,7 +123,7 @@ class Datasets:
         return out
 
     def _create(self, req: gateway_pb2.CreateDatasetRequest) -> gateway_pb2.Dataset:
-        from cfrseg.data.datasets import load_case
+        from cfrseg.data.datasets import class_presence_error, load_case
 
         cases = self._check_request(req)
         ups = {}
@@ -153,14 +154,21 @@ class Datasets:
                 lab = self._fetch(ups[c.label_upload_id], Path(d), names) if c.label_upload_id else None
                 local_cases.append(Case(case.case_id, img, lab, case.role))
             local = Manifest(keyed.name, keyed.num_classes, tuple(local_cases), spacing)
+            counts = np.zeros(keyed.num_classes, dtype=np.int64)
             for case in local.cases:
                 try:
-                    load_case(case, local)
+                    _, label = load_case(case, local)
                 except InputError as e:
                     msg = str(e)
                     for path, name in names.items():
                         msg = msg.replace(path, name)
                     raise InputError(msg) from None
+                if case.role == "labeled" and label is not None:
+                    counts += np.bincount(label.array.reshape(-1).astype(np.int64),
+                                          minlength=keyed.num_classes)[: keyed.num_classes]
+            err = class_presence_error(counts, keyed.names, f"dataset {keyed.name!r}")
+            if err is not None:   # e.g. labels {0, 7} declared as 8 classes: refuse instead of training 8
+                raise err
         return self._store(req, keyed, cases)
 
     def _fetch(self, up: gateway_pb2.Upload, d: Path, names: dict[str, str]) -> str:

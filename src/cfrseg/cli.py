@@ -24,6 +24,15 @@ def _add_data_args(p: argparse.ArgumentParser, labeled_required: bool = True) ->
     p.add_argument("--holdout", type=int, default=0,
                    help="hold out the last N cases of the list as test cases (never used in training)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N cases of the list")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes, background included (required for images/ + labels/ folders; "
+                        "LA: 2; nnU-Net: from dataset.json 'labels')")
+    p.add_argument("--class-names", default=None,
+                   help="comma-separated class names (background first, or foreground only); default: "
+                        "dataset.json 'labels', else background, class_1, ...")
+    p.add_argument("--modality", type=str.upper, choices=("MR", "CT"), default=None,
+                   help="intensity normalisation: CT (clip to foreground HU percentiles + dataset z-score) or MR "
+                        "(per-volume z-score); default: dataset.json channel name, else MR")
 
 
 def _profile_arg(p: argparse.ArgumentParser) -> None:
@@ -35,7 +44,9 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
 def _manifest(args: argparse.Namespace):
     from cfrseg.data.datasets import build_manifest
 
-    return build_manifest(args.data, labeled=args.labeled, holdout=args.holdout, limit=args.limit)
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    return build_manifest(args.data, labeled=args.labeled, holdout=args.holdout, limit=args.limit,
+                          num_classes=args.num_classes, class_names=names, modality=args.modality)
 
 
 def _profile(args: argparse.Namespace) -> dict:
@@ -159,9 +170,12 @@ def run_cmd(args: argparse.Namespace) -> int:
     data = _manifest(args)
     test = None
     if args.test_data:
-        from cfrseg.data.datasets import manifest_from_la_test
+        from dataclasses import replace
 
-        test = manifest_from_la_test(args.test_data)
+        from cfrseg.data.datasets import build_manifest
+
+        test = build_manifest(args.test_data, test=True, num_classes=data.num_classes)
+        test = replace(test, class_names=data.class_names, modality=data.modality)
     bars = Bars()
     res = run_pipeline(cfg, data, LocalStore(args.out), test_data=test, progress=bars)
     bars.close()
@@ -193,12 +207,32 @@ def pseudolabel_cmd(args: argparse.Namespace) -> int:
     from cfrseg.store import LocalStore
 
     prof = _profile(args)
-    cfg = PseudolabelConfig.from_dict(dict(prof.get("pseudolabel", {})))
+    cfg = PseudolabelConfig.from_dict(dict(prof.get("pseudolabel", {}), resume=args.resume))
     bars = Bars()
     run_pseudolabel(cfg, _manifest(args), LocalStore(args.out), finetuned=LocalStore(args.finetuned),
                     progress=bars)
     bars.close()
     print(f"pseudo-labels written to {Path(args.out) / 'labels'}")
+    return 0
+
+
+def plan_cmd(args: argparse.Namespace) -> int:
+    from cfrseg.data.plan import plan_for
+    from cfrseg.store import LocalStore, get_json
+
+    data = _manifest(args)
+    store = LocalStore(args.out) if args.out else None
+    plan = plan_for(data, store)
+    print(f"dataset {data.name!r}: {len(data.labeled)} labeled, {len(data.unlabeled)} unlabeled, "
+          f"{len(data.test)} test; classes {', '.join(data.names)}")
+    print(f"plan: {plan.describe()}")
+    print(f"median shape at the target spacing: {plan.median_shape}; working axes (canonical): "
+          f"{plan.working_order}")
+    if store is not None:
+        fp = get_json(store, "fingerprint.json")
+        orients = sorted({c["orientation"] for c in fp["cases"]})
+        print(f"orientations found: {orients}; foreground intensities: {fp['foreground']}")
+        print(f"wrote {store.path('plan.json')} and {store.path('fingerprint.json')}")
     return 0
 
 
@@ -251,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--ssl", choices=SSL_METHODS, default="mt")
     p.add_argument("--out", required=True)
-    p.add_argument("--test-data", help="a folder in the LA layout with test.list or train.list: evaluate on all")
+    p.add_argument("--test-data", help="a dataset folder whose cases are all evaluated (LA: its test.list); refused "
+                   "if any case shares an id or an image with the training data")
     p.add_argument("--sam-checkpoint", help="SAM checkpoint file (vit_b/l/h); lite uses the cached LiteMedSAM")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.set_defaults(func=run_cmd)
@@ -280,7 +315,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.add_argument("--finetuned", required=True, help="output folder of `cfrseg finetune`")
     p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue in --out (finished cases are kept)")
     p.set_defaults(func=pseudolabel_cmd)
+
+    p = sub.add_parser("plan", help="fingerprint a dataset and print its plan (orientation, spacing, intensities)")
+    _add_data_args(p, labeled_required=False)
+    p.add_argument("--out", default=None, help="also write fingerprint.json and plan.json to this folder")
+    p.set_defaults(func=plan_cmd)
 
     p = sub.add_parser("segment", help="segment a volume (or a folder of volumes) with a trained model")
     p.add_argument("--model", required=True, help="folder with model.pt (output of retrain/run)")

@@ -9,8 +9,10 @@ summary over cases. Pure functions; the conventions are written down in docs/met
 - ASD = mean distance from each *prediction* surface voxel to the nearest ground-truth surface voxel (medpy's
   ``asd(pred, gt)``, the one the reference reports); HD95 = 95th percentile of the distances pooled over both
   directions (medpy's ``hd95``).
-- Empty policy: both masks empty -> dice = jaccard = 1, asd = hd95 = 0; exactly one empty -> dice = jaccard =
-  0, asd = hd95 = NaN. NaNs are excluded from means/stds and counted (``n_nan``) in :func:`summarize`.
+- Empty policy: both masks empty -> the case-class pair is **excluded** (all four metrics NaN, flagged in
+  ``both_empty``; counted as ``n_excluded``, never as a perfect 1); exactly one empty -> dice = jaccard = 0
+  (a missed or invented structure counts in the mean), asd = hd95 = NaN (a distance to nothing is undefined;
+  counted as ``n_nan`` and reported next to every ASD / HD95 mean).
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -
     p, g = pred.astype(bool, copy=False), gt.astype(bool, copy=False)
     np_, ng = int(p.sum()), int(g.sum())
     if np_ == 0 and ng == 0:
-        return {"dice": 1.0, "jaccard": 1.0, "asd": 0.0, "hd95": 0.0}
+        return {"dice": math.nan, "jaccard": math.nan, "asd": math.nan, "hd95": math.nan}
     if np_ == 0 or ng == 0:
         return {"dice": 0.0, "jaccard": 0.0, "asd": math.nan, "hd95": math.nan}
     inter = int(np.logical_and(p, g).sum())
@@ -90,32 +92,37 @@ def binary_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float]) -
 def compute_case(
     pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float], num_classes: int
 ) -> dict[str, list[float]]:
-    """Metrics of one case: ``{"dice": [...], "jaccard": [...], "asd": [...], "hd95": [...]}`` with one value
-    per foreground class (index ``class - 1``). ``pred`` and ``gt`` are integer label maps (X, Y, Z) of the
-    same shape; ``spacing`` is (x, y, z) in mm."""
+    """Metrics of one case: ``{"dice": [...], "jaccard": [...], "asd": [...], "hd95": [...], "both_empty":
+    [...]}`` with one value per foreground class (index ``class - 1``); ``both_empty[j]`` marks a class absent
+    from both maps (its metrics are NaN and :func:`summarize` excludes it). ``pred`` and ``gt`` are integer
+    label maps (X, Y, Z) of the same shape; ``spacing`` is (x, y, z) in mm."""
     pred, gt = np.asarray(pred), np.asarray(gt)
     _check(pred, gt, spacing, num_classes)
-    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    out: dict[str, list] = {m: [] for m in (*METRICS, "both_empty")}
     for c in range(1, num_classes):
-        for m, v in binary_metrics(pred == c, gt == c, spacing).items():
+        p, g = pred == c, gt == c
+        for m, v in binary_metrics(p, g, spacing).items():
             out[m].append(v)
+        out["both_empty"].append(bool(not p.any() and not g.any()))
     return out
 
 
-def _stats(values: np.ndarray) -> tuple[float, float, int, int]:
-    ok = values[~np.isnan(values)]
+def _stats(values: np.ndarray, excluded: np.ndarray) -> tuple[float, float, int, int, int]:
+    kept = values[~excluded]
+    ok = kept[~np.isnan(kept)]
     mean = float(ok.mean()) if ok.size else math.nan
     std = float(ok.std(ddof=1)) if ok.size > 1 else math.nan
-    return mean, std, int(ok.size), int(values.size - ok.size)
+    return mean, std, int(ok.size), int(kept.size - ok.size), int(excluded.sum())
 
 
 def summarize(cases: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any]:
     """Summary over cases (each a :func:`compute_case` result; other keys are ignored).
 
     Returns ``{"n_cases": N, "classes": [1, ..], "metrics": {metric: {"mean": [..], "std": [..], "n": [..],
-    "n_nan": [..], "class_mean": float}}}`` with per-class lists; std has ddof=1 (NaN with < 2 values), NaNs
-    are left out and counted, ``class_mean`` is the mean of the per-class means.
-    Metrics in :data:`METRICS` order.
+    "n_nan": [..], "n_excluded": [..], "class_mean": float}}}`` with per-class lists; std has ddof=1 (NaN with
+    < 2 values). Pairs where both maps are empty (``both_empty``) are excluded and counted in ``n_excluded``;
+    other NaNs (a distance to a missing structure) are left out and counted in ``n_nan``; ``n`` is the number
+    of values used. ``class_mean`` is the mean of the per-class means. Metrics in :data:`METRICS` order.
     """
     if not cases:
         raise InputError("metrics: nothing to summarize (no cases)")
@@ -124,9 +131,11 @@ def summarize(cases: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any]:
         raise InputError(f"metrics: cases have different numbers of classes {sorted(n_cls)}")
     k = n_cls.pop()
     metrics: dict[str, Any] = {}
+    empty = np.array([[bool(v) for v in c.get("both_empty", [False] * k)] for c in cases],
+                     dtype=bool).reshape(len(cases), k)
     for m in METRICS:
         table = np.array([[float(v) for v in c[m]] for c in cases], dtype=np.float64).reshape(len(cases), k)
-        cols = [_stats(table[:, j]) for j in range(k)]
+        cols = [_stats(table[:, j], empty[:, j]) for j in range(k)]
         means = [s[0] for s in cols]
         finite = [v for v in means if not math.isnan(v)]
         metrics[m] = {
@@ -134,6 +143,7 @@ def summarize(cases: Sequence[Mapping[str, Sequence[float]]]) -> dict[str, Any]:
             "std": [s[1] for s in cols],
             "n": [s[2] for s in cols],
             "n_nan": [s[3] for s in cols],
+            "n_excluded": [s[4] for s in cols],
             "class_mean": float(np.mean(finite)) if finite else math.nan,
         }
     return {"n_cases": len(cases), "classes": list(range(1, k + 1)), "metrics": metrics}
@@ -168,10 +178,17 @@ def format_table(
     rows: list[list[str]] = [["case", "class", *(_header(m) for m in METRICS)]]
     for cid, res in (cases or {}).items():
         for j, c in enumerate(classes):
-            rows.append([str(cid), cname(c), *(_fmt(float(res[m][j]), digits) for m in METRICS)])
+            empty = bool(res.get("both_empty", [False] * len(classes))[j])
+            rows.append([str(cid), cname(c), *("excluded" if empty else _fmt(float(res[m][j]), digits)
+                                               for m in METRICS)])
     mets = summary["metrics"]
     for j, c in enumerate(classes):
-        cells = [f"{_fmt(mets[m]['mean'][j], digits)} ± {_fmt(mets[m]['std'][j], digits)}" for m in METRICS]
+        cells = []
+        for m in METRICS:
+            cell = f"{_fmt(mets[m]['mean'][j], digits)} ± {_fmt(mets[m]['std'][j], digits)}"
+            if UNITS[m]:
+                cell += f" (n_nan {mets[m]['n_nan'][j]})"
+            cells.append(cell)
         rows.append([f"mean (n={summary['n_cases']})", cname(c), *cells])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
@@ -184,4 +201,8 @@ def format_table(
     ]
     if nan_notes:
         lines.append("NaN (exactly one mask empty; left out of mean/std): " + ", ".join(nan_notes))
+    excl = [f"{cname(c)}: {mets['dice'].get('n_excluded', [0] * len(classes))[j]}"
+            for j, c in enumerate(classes) if mets["dice"].get("n_excluded", [0] * len(classes))[j]]
+    if excl:
+        lines.append("excluded (class absent from both prediction and truth): " + ", ".join(excl))
     return "\n".join(lines)

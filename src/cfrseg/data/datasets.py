@@ -29,12 +29,12 @@ from cfrseg.data.la import (
     manifest_from_la_test,
     validate_la_h5,
 )
-from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.manifest import MODALITIES, Case, Manifest, modality_of
 from cfrseg.data.volume import Volume
 from cfrseg.errors import InputError
 
 __all__ = [
-    "LA_BASE_URL", "Layout", "build_manifest", "detect_layout", "fetch_la2018", "load_case", "load_pseudo_label",
+    "LA_BASE_URL", "Layout", "build_manifest", "class_presence_error", "detect_layout", "fetch_la2018", "load_case", "load_pseudo_label",
     "manifest_from_folders", "manifest_from_la", "manifest_from_la_test", "manifest_from_nnunet",
     "validate_la_h5",
 ]
@@ -132,17 +132,17 @@ def _assign_roles(pairs: dict[str, tuple[str, str | None]], labeled: Labeled, ho
     return cases
 
 
-def _infer_num_classes(cases: list[Case], where: str) -> int:
-    """max label value + 1 over the labeled cases' label files (at least 2)."""
-    top = 1
-    for c in cases:
-        if c.role == "labeled" and c.label:
-            a = _read(c.label, "label").array
-            if a.size:
-                top = max(top, int(np.nanmax(a)))
-    if top > 65535:
-        raise InputError(f"{where}: label values up to {top}; cannot infer a sensible num_classes")
-    return top + 1
+def class_presence_error(counts: Sequence[int], names: Sequence[str], where: str) -> InputError | None:
+    """The error to raise when some class has no voxel in the labeled cases (``counts``: voxels per class,
+    background first, summed over the labeled label maps), else None. A class nobody labeled cannot be
+    learnt, and a label set like {0, 7} declared as 8 classes is almost always a mistake."""
+    missing = [k for k in range(1, len(counts)) if int(counts[k]) == 0]
+    if not missing:
+        return None
+    shown = ", ".join(f"{k} ({names[k]})" for k in missing[:20])
+    return InputError(f"{where}: class(es) {shown} have no voxel in any labeled case; every declared class "
+                      f"needs labeled voxels (check num_classes / dataset.json 'labels', or label a case that "
+                      f"shows them)")
 
 
 def manifest_from_folders(
@@ -157,8 +157,9 @@ def manifest_from_folders(
     """A manifest from a folder of image volumes and (optionally) a folder of label volumes.
 
     Images and labels are matched by case id (file name without extension, nnU-Net ``_0000`` suffix stripped);
-    images without a label are unlabeled; a label without an image is an error. ``num_classes`` defaults to the
-    largest value in the labeled cases' labels + 1 (this reads those label files).
+    images without a label are unlabeled; a label without an image is an error. ``num_classes`` (background
+    included) is required: it is never guessed from the labeled cases' values (a small labeled subset may miss
+    a class, and labels {0, 7} must not silently become 8 classes).
     """
     images_dir = Path(images_dir)
     images = _scan(images_dir, "images")
@@ -174,33 +175,42 @@ def manifest_from_folders(
     pairs = {i: (p, labels.get(i)) for i, p in images.items()}
     cases = _assign_roles(pairs, labeled, holdout, str(images_dir))
     if num_classes is None:
-        num_classes = _infer_num_classes(cases, str(labels_dir))
+        if any(c.label for c in cases):
+            raise InputError(f"{images_dir}: the number of classes is not known; pass num_classes "
+                             f"(--num-classes K, background included) or use an nnU-Net dataset.json")
+        num_classes = 2
     return Manifest(name or images_dir.resolve().parent.name or "dataset", num_classes, tuple(cases))
 
 
 # ----------------------------------------------------------------------------------------------- nnU-Net / MSD
 
 
-def _num_classes_from_labels(labels: object, where: str) -> int:
-    """num_classes from dataset.json ``labels``: nnU-Net v2 {name: int} or MSD/v1 {"0": name, ...}."""
+def _classes_from_labels(labels: object, where: str) -> tuple[int, tuple[str, ...]]:
+    """(num_classes, class names) from dataset.json ``labels``: nnU-Net v2 {name: int} or MSD/v1
+    {"0": name, ...}. Values must be 0..K-1 (background 0), each once."""
     if not isinstance(labels, dict) or not labels:
         raise InputError(f"{where}: 'labels' must be a non-empty mapping, got {labels!r}")
     if all(str(k).lstrip("-").isdigit() for k in labels):  # MSD / v1: {"0": "background", "1": "liver"}
-        raw = list(labels.keys())
+        pairs = [(v, k) for k, v in labels.items()]
     else:  # v2: {"background": 0, "liver": 1}
-        raw = list(labels.values())
         regions = {k: v for k, v in labels.items() if isinstance(v, (list, tuple))}
         if regions:
             raise InputError(f"{where}: region-based labels {regions} are not supported")
+        pairs = list(labels.items())
     try:
-        values = [int(v) for v in raw]
+        by_value = {int(v): str(name) for name, v in pairs}
     except (TypeError, ValueError):
         raise InputError(f"{where}: 'labels' values must be integers: {labels!r}") from None
-    if 0 not in values or min(values) < 0:
+    values = sorted(by_value)
+    if 0 not in by_value or values[0] < 0:
         raise InputError(f"{where}: 'labels' must contain background 0 and no negative values: {labels!r}")
-    if len(set(values)) != len(values):
+    if len(by_value) != len(pairs):
         raise InputError(f"{where}: 'labels' has repeated values: {labels!r}")
-    return max(values) + 1
+    missing = sorted(set(range(values[-1] + 1)) - set(values))
+    if missing:
+        raise InputError(f"{where}: 'labels' must be consecutive 0..K-1; values {missing} are not declared "
+                         f"(relabel the masks so the classes are 0..{len(values) - 1})")
+    return len(values), tuple(by_value[k] for k in range(len(values)))
 
 
 def _resolve(root: Path, rel: object, where: str) -> str:
@@ -218,8 +228,8 @@ def _resolve(root: Path, rel: object, where: str) -> str:
 def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, holdout: int = 0) -> Manifest:
     """A manifest from an MSD / nnU-Net dataset folder.
 
-    Reads ``dataset.json`` (``labels`` gives num_classes; ``channel_names`` / ``modality`` must name one
-    channel). Training cases come from the MSD ``training`` list when present, else from ``imagesTr`` +
+    Reads ``dataset.json`` (``labels`` gives num_classes and the class names, values 0..K-1;
+    ``channel_names`` / ``modality`` must name one channel: "CT" selects CT normalisation, anything else MR). Training cases come from the MSD ``training`` list when present, else from ``imagesTr`` +
     ``labelsTr``; ``imagesTs`` (or the MSD ``test`` list) become role "test" (with ``labelsTs`` labels if any).
     """
     root = Path(dataset_dir)
@@ -234,10 +244,11 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
         raise InputError(f"{dj}: expected a JSON object at the top level")
     if "labels" not in meta:
         raise InputError(f"{dj}: missing 'labels'")
-    num_classes = _num_classes_from_labels(meta["labels"], str(dj))
+    num_classes, class_names = _classes_from_labels(meta["labels"], str(dj))
     channels = meta.get("channel_names", meta.get("modality", {"0": "image"}))
     if not isinstance(channels, dict) or len(channels) != 1:
         raise InputError(f"{dj}: cfrseg supports single-channel images; dataset has channels {channels!r}")
+    modality = modality_of(next(iter(channels.values())))
 
     if "training" in meta:
         training = meta["training"]
@@ -283,7 +294,7 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
         raise InputError(f"{root}: case id(s) {clash[:10]} appear in both training and test")
     cases += [Case(i, p, lab, "test") for i, (p, lab) in sorted(test.items())]
     name = meta.get("name") if isinstance(meta.get("name"), str) else root.name
-    return Manifest(name or root.name, num_classes, tuple(cases))
+    return Manifest(name or root.name, num_classes, tuple(cases), modality=modality, class_names=class_names)
 
 
 # ----------------------------------------------------------------------------------------------- layout
@@ -321,12 +332,16 @@ def build_manifest(
     holdout: int = 0,
     limit: int | None = None,
     num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    modality: str | None = None,
 ) -> Manifest:
     """The manifest of the data at ``path``, whatever its layout (see :func:`detect_layout`).
 
     ``labeled`` as in the builders (LA needs an int; None there means 16, the standard "moderate" setting).
-    ``test=True`` builds an evaluation manifest: every case gets role "test" (LA: ``test.list`` if present).
-    ``limit`` keeps the first ``limit`` cases (LA list order, else sorted ids).
+    ``test=True`` builds an evaluation manifest: every case gets role "test" (LA: ``test.list`` is required;
+    the training list is never used as a test set). ``limit`` keeps the first ``limit`` cases (LA list order,
+    else sorted ids). ``num_classes`` (background included) is required for folder layouts; ``class_names``
+    (background first) and ``modality`` ("MR" | "CT") override what the dataset declares.
     """
     layout = detect_layout(path)
     p = Path(path)
@@ -349,7 +364,17 @@ def build_manifest(
         m = manifest_from_folders(images, labels, None if test else labeled, num_classes,
                                   holdout=0 if test else holdout, name=p.name)
     if num_classes is not None and m.num_classes != num_classes:
-        m = replace(m, num_classes=num_classes)
+        m = replace(m, num_classes=num_classes, class_names=None)
+    if class_names is not None:
+        names = tuple(str(n).strip() for n in class_names)
+        if len(names) == m.num_classes - 1:
+            names = ("background",) + names
+        m = replace(m, class_names=names)
+    if modality is not None:
+        mod = str(modality).strip().upper()
+        if mod not in MODALITIES:
+            raise InputError(f"modality must be one of {list(MODALITIES)}, got {modality!r}")
+        m = replace(m, modality=mod)
     cases = list(m.cases)
     if limit is not None:
         if limit < 1:

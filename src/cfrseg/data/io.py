@@ -219,6 +219,39 @@ def read_la_h5(path: str | Path, key: str = "image",
     return Volume(np.ascontiguousarray(array), tuple(float(s) for s in spacing))  # type: ignore[arg-type]
 
 
+def read_geometry(path: str | Path) -> Volume:
+    """The geometry of a volume file without reading its voxels where the format allows (NIfTI, NRRD,
+    MetaImage headers; LA h5 dataset shape): a Volume whose ``array`` is an empty placeholder of the right
+    shape (``np.broadcast_to``, no memory). DICOM folders and other cases fall back to :func:`read_volume`."""
+    p = Path(path)
+    suffix = volume_suffix(p) if p.is_file() else ""
+    if suffix in (".h5", ".hdf5"):
+        import h5py
+
+        try:
+            with h5py.File(p, "r") as f:
+                shape = tuple(f["image"].shape)
+        except (OSError, KeyError, ValueError) as e:
+            raise InputError(f"{p}: cannot read h5 file (missing, truncated or not HDF5): {e}") from None
+        if len(shape) != 3:
+            raise InputError(f"{p}: 'image' has shape {shape}; cfrseg needs a 3D volume")
+        return Volume(np.broadcast_to(np.float32(0), shape), LA_SPACING)
+    if suffix in (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError as e:
+            raise InputError(f"{p}: cannot read volume header: {_itk_message(e)}") from None
+        size = tuple(int(s) for s in reader.GetSize())
+        if reader.GetDimension() == 3 and reader.GetNumberOfComponents() == 1 and min(size) >= 2:
+            return Volume(np.broadcast_to(np.float32(0), size), tuple(float(v) for v in reader.GetSpacing()),
+                          tuple(float(v) for v in reader.GetOrigin()),
+                          tuple(float(v) for v in reader.GetDirection()))
+    v = read_volume(p)   # DICOM folders, 4D-with-one-frame and anything unusual: the full reader decides
+    return Volume(np.broadcast_to(np.float32(0), v.shape), v.spacing, v.origin, v.direction)
+
+
 # ----------------------------------------------------------------------------------------------------- writing
 
 

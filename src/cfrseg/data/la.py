@@ -22,6 +22,7 @@ from cfrseg.errors import InputError
 
 LA_FILE = "mri_norm2.h5"
 LA_NAME = "la2018"
+LA_CLASSES = ("background", "left_atrium")
 #: The UA-MT repository's data folder (train.list, test.list, "2018LA_Seg_Training Set/<id>/mri_norm2.h5").
 LA_BASE_URL = "https://github.com/yulequan/UA-MT/raw/master/data"
 LA_REMOTE_DIR = "2018LA_Seg_Training Set"
@@ -94,20 +95,30 @@ def manifest_from_la(
     for k, (cid, f) in enumerate(zip(ids, files)):
         role = "labeled" if k < labeled else ("test" if k >= n - holdout else "unlabeled")
         cases.append(Case(cid, str(f), str(f), role))  # type: ignore[arg-type]
-    return Manifest(LA_NAME, 2, tuple(cases), tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    return Manifest(LA_NAME, 2, tuple(cases), tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+                    class_names=LA_CLASSES)
 
 
 def manifest_from_la_test(root: str | Path, list_file: str | None = None,
                           spacing: tuple[float, float, float] = LA_SPACING) -> Manifest:
-    """Every case of ``test.list`` (or ``train.list`` when there is no test.list) as role "test"."""
+    """Every case of ``test.list`` (or of ``list_file``) as role "test".
+
+    There is no fallback to ``train.list``: a folder without ``test.list`` is an error, because the training
+    list's cases are what a model is trained on and scoring them would report training cases as test results.
+    """
     root = Path(root)
-    if list_file is None:
-        list_file = "test.list" if (root / "test.list").is_file() else "train.list"
-    lst = root / list_file
+    name = list_file or "test.list"
+    lst = root / name
+    if not lst.is_file():
+        raise InputError(f"{root}: no {name} here; an LA test set needs its own list (train.list holds the "
+                         f"training cases and is never used as a test set)")
+    if name == "train.list":
+        raise InputError(f"{lst}: train.list holds the training cases; it cannot be a test list")
     ids = read_list(lst)
     files = _la_cases(root, ids, lst)
     cases = tuple(Case(cid, str(f), str(f), "test") for cid, f in zip(ids, files))
-    return Manifest(f"{LA_NAME}-test", 2, cases, tuple(float(s) for s in spacing))  # type: ignore[arg-type]
+    return Manifest(f"{LA_NAME}-test", 2, cases, tuple(float(s) for s in spacing),  # type: ignore[arg-type]
+                    class_names=LA_CLASSES)
 
 
 # ----------------------------------------------------------------------------------------------------- fetch

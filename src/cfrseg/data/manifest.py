@@ -15,6 +15,19 @@ from cfrseg.errors import InputError
 
 Role = Literal["labeled", "unlabeled", "test"]
 ROLES: tuple[str, ...] = ("labeled", "unlabeled", "test")
+#: modalities with their own intensity normalisation (cfrseg.data.plan): CT (HU, dataset statistics) or MR
+MODALITIES: tuple[str, ...] = ("MR", "CT")
+
+
+def default_class_names(num_classes: int) -> tuple[str, ...]:
+    """``("background", "class_1", ..., "class_{K-1}")``."""
+    return ("background",) + tuple(f"class_{k}" for k in range(1, num_classes))
+
+
+def modality_of(name: str) -> str:
+    """The normalisation family of a channel/modality name: "CT" for CT (any case), "MR" for everything else
+    (MRI, T1, T2, FLAIR, ADC, ...: per-volume z-score, nnU-Net's default)."""
+    return "CT" if str(name).strip().upper() == "CT" else "MR"
 
 
 @dataclass(frozen=True)
@@ -32,10 +45,20 @@ class Manifest:
     num_classes: int                 # including background: LA = 2
     cases: tuple[Case, ...] = field(default_factory=tuple)
     spacing: tuple[float, float, float] | None = None  # overrides file spacing when the files carry none (LA)
+    modality: str = "MR"             # "MR" | "CT": selects the intensity normalisation (cfrseg.data.plan)
+    class_names: tuple[str, ...] | None = None   # num_classes names, background first; None = default names
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
             raise InputError(f"num_classes must be >= 2 (background + at least one class), got {self.num_classes}")
+        if self.modality not in MODALITIES:
+            raise InputError(f"modality must be one of {list(MODALITIES)}, got {self.modality!r}")
+        if self.class_names is not None:
+            names = tuple(str(n) for n in self.class_names)
+            if len(names) != self.num_classes or any(not n.strip() for n in names) or len(set(names)) != len(names):
+                raise InputError(f"class_names must be {self.num_classes} distinct non-empty names (background "
+                                 f"first), got {list(names)}")
+            object.__setattr__(self, "class_names", names)
         ids = [c.case_id for c in self.cases]
         dup = sorted({i for i in ids if ids.count(i) > 1})
         if dup:
@@ -61,6 +84,16 @@ class Manifest:
     def test(self) -> list[Case]:
         return self.by_role("test")
 
+    @property
+    def training(self) -> list[Case]:
+        """The cases training may look at: labeled and unlabeled (never "test")."""
+        return [c for c in self.cases if c.role != "test"]
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The class names, background first (the defaults when none were given)."""
+        return self.class_names or default_class_names(self.num_classes)
+
     def case(self, case_id: str) -> Case:
         for c in self.cases:
             if c.case_id == case_id:
@@ -82,8 +115,10 @@ class Manifest:
         try:
             cases = tuple(Case(**c) for c in d.get("cases", []))
             sp = d.get("spacing")
+            names = d.get("class_names")
             return cls(name=d["name"], num_classes=int(d["num_classes"]), cases=cases,
-                       spacing=tuple(sp) if sp else None)
+                       spacing=tuple(sp) if sp else None, modality=d.get("modality", "MR"),
+                       class_names=tuple(names) if names else None)
         except (KeyError, TypeError) as e:
             raise InputError(f"malformed manifest: {e}") from None
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from cfrseg.errors import InputError
+from cfrseg.ssl.losses import dice_loss
 
 
 def _valid_mask(valid: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,9 @@ def masked_ce_dice(
             target and predicted nowhere scores Dice ~1 (loss ~0) instead of 0/0.
 
     Returns:
-        (loss scalar tensor, {"ce": float, "dice": float}). Dice is computed per class over the whole batch
-        (sum over samples and valid pixels), then averaged over classes.
+        (loss scalar tensor, {"ce": float, "dice": float}). The Dice term is
+        :func:`cfrseg.ssl.losses.dice_loss`, the same soft Dice as the 3D losses (squared denominators,
+        per class over the whole batch and the valid pixels, then averaged over classes).
     """
     if logits.dim() != 4:
         raise InputError(f"logits must be (B, K, H, W), got {tuple(logits.shape)}")
@@ -65,13 +67,8 @@ def masked_ce_dice(
     ce_map = F.cross_entropy(safe_logits, tgt, reduction="none")          # (B,H,W)
     ce = (ce_map * vf[:, 0]).sum() / n_valid
 
-    prob = torch.softmax(safe_logits, dim=1) * vf                           # (B,K,H,W), 0 outside
-    onehot = F.one_hot(tgt, k).permute(0, 3, 1, 2).to(logits.dtype) * vf
-    dims = (0, 2, 3)
-    inter = (prob * onehot).sum(dims)
-    denom = prob.sum(dims) + onehot.sum(dims)
-    dice_c = 1.0 - (2.0 * inter + smooth) / (denom + smooth)               # (K,)
-    dice = dice_c.mean() if include_background or k == 1 else dice_c[1:].mean()
+    prob = torch.softmax(safe_logits, dim=1)                                # (B,K,H,W)
+    dice = dice_loss(prob, tgt, v, include_background=include_background, smooth=smooth)
 
     loss = 0.5 * (ce + dice)
     return loss, {"ce": float(ce.detach()), "dice": float(dice.detach())}

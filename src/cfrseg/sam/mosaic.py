@@ -39,7 +39,8 @@ class MosaicSpec:
     crop: tuple[int, int, int]                    # (X, Y, D) of the 3D window one mosaic holds
     grid: int = 0                                 # grid side; 0 = ceil(sqrt(D))
     tile_pad: int = 1                             # fill pixels around every tile
-    zoom: tuple[float, float, float] = (1.0, 1.0, 1.0)   # resample factors applied to the whole volume
+    zoom: tuple[float, float, float] = (1.0, 1.0, 1.0)   # legacy resample factors (used only without a plan)
+    spacing_factor: tuple[float, float, float] = (1.0, 1.0, 1.0)  # working grid = plan target spacing x this
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     rot90: bool = True                            # orientation family: quarter turns in-plane
     flip: bool = True                             # orientation family: mirror in-plane
@@ -56,6 +57,8 @@ class MosaicSpec:
             raise ConfigError(f"tile_pad must be >= 0, got {self.tile_pad}")
         if len(self.zoom) != 3 or min(self.zoom) <= 0 or max(self.zoom) > 4:
             raise ConfigError(f"zoom factors must lie in (0, 4], got {self.zoom}")
+        if len(self.spacing_factor) != 3 or min(self.spacing_factor) < 0.05 or max(self.spacing_factor) > 20:
+            raise ConfigError(f"spacing_factor must be three factors in [0.05, 20], got {self.spacing_factor}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {self.clip_percentiles}")
@@ -139,14 +142,21 @@ def _resample(img: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
 
 
 def prepare_volume(
-    image: np.ndarray, label: np.ndarray | None, spec: MosaicSpec, num_classes: int, device: torch.device
+    image: np.ndarray, label: np.ndarray | None, spec: MosaicSpec, num_classes: int, device: torch.device,
+    *, size: tuple[int, int, int] | None = None, window: tuple[float, float] | None = None,
 ) -> PreparedVolume:
-    """Normalise to [0, 1] (per-volume percentiles), zoom, move to ``device``. Labels are zoomed by averaging
-    their one-hot maps and taking the argmax (no class vanishes by nearest-neighbour aliasing)."""
+    """Normalise to [0, 1] (per-volume percentiles, or the fixed ``window`` (lo, hi), e.g. CT HU), resample
+    to ``size`` (default: ``spec.zoom``), move to ``device``. Labels are resampled by averaging their one-hot
+    maps and taking the argmax (no class vanishes by nearest-neighbour aliasing)."""
     if image.ndim != 3:
         raise InputError(f"expected a 3D image, got shape {image.shape}")
-    unit = unit_range(image, spec.clip_percentiles).to(device)
-    size = zoomed_shape(image.shape, spec.zoom)
+    if window is None:
+        unit = unit_range(image, spec.clip_percentiles).to(device)
+    else:
+        lo, hi = window
+        t = torch.as_tensor(np.ascontiguousarray(image, dtype=np.float32))
+        unit = ((t.clamp(lo, hi) - lo) / max(hi - lo, 1e-8)).to(device)
+    size = tuple(size) if size is not None else zoomed_shape(image.shape, spec.zoom)
     unit = _resample(unit[None], size)[0].clamp_(0, 1).contiguous()
     lab = None
     if label is not None:
@@ -161,6 +171,19 @@ def prepare_volume(
             onehot = F.one_hot(lt, num_classes).permute(3, 0, 1, 2).float()
             lab = _resample(onehot, size).argmax(0).to(torch.uint8)
     return PreparedVolume(unit, lab, tuple(image.shape))  # type: ignore[arg-type]
+
+
+def prepare_case(plan, spec: MosaicSpec, image, label, num_classes: int, device: torch.device,
+                 spacing: tuple[float, float, float] | None = None):
+    """A case through the plan for SAM: reoriented to the working axes (exact; slice axis last), [0, 1]
+    normalised (:meth:`cfrseg.data.plan.Plan.unit_window`), resampled to the plan's working grid at
+    ``spec.spacing_factor``. ``image``/``label`` are Volumes (label may be None). Returns
+    (PreparedVolume, CaseGeometry)."""
+    geo = plan.geometry(image, spec.spacing_factor, spacing)
+    img = np.ascontiguousarray(geo.amap.apply(image.array))
+    lab = None if label is None else np.ascontiguousarray(geo.amap.apply(label.array))
+    pv = prepare_volume(img, lab, spec, num_classes, device, size=geo.working_shape, window=plan.unit_window())
+    return pv, geo
 
 
 # --------------------------------------------------------------------------------------------------- windows

@@ -1,7 +1,10 @@
 """Segmentation and consistency losses. Logits are (B, C, X, Y, Z); labels are (B, X, Y, Z) int64.
 
-``seg_loss`` = 0.5 * (CE + Dice) is the paper's Eq. 5/7 loss (L_sup, L_pl). Dice is the SSL4MIS/ACMT multi-class
-soft Dice (squared denominators, smooth 1e-5, pooled over the batch, averaged over all C classes incl. background).
+``seg_loss`` = 0.5 * (CE + Dice) is the paper's Eq. 5/7 loss (L_sup, L_pl). :func:`dice_loss` is THE soft Dice
+of cfrseg, used by the 3D losses here and by the 2D fine-tune loss (:mod:`cfrseg.sam.losses`) alike: the
+reference code's (SSL4MIS / V-Net) multi-class soft Dice, squared denominators, smooth 1e-5, pooled over the
+batch and all spatial positions (optionally only where a mask is true), averaged over all C classes including
+background (or the foreground classes only).
 """
 
 from __future__ import annotations
@@ -14,17 +17,28 @@ import torch.nn.functional as F
 SMOOTH = 1e-5
 
 
-def dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Soft multi-class Dice loss of softmax ``probs`` vs integer ``target``; optional voxel ``mask`` (B,X,Y,Z)."""
+def dice_loss(probs: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *,
+              include_background: bool = True, smooth: float = SMOOTH) -> torch.Tensor:
+    """Soft multi-class Dice loss ``mean_c 1 - (2 sum p t + s) / (sum p^2 + sum t^2 + s)``.
+
+    Args:
+        probs: softmax probabilities (B, C, *spatial), any number of spatial dims (2D mosaics, 3D crops).
+        target: integer labels (B, *spatial).
+        mask: optional bool (B, *spatial); only positions where it is true count.
+        include_background: average over all C classes (the reference) or over classes 1..C-1.
+        smooth: added to numerator and denominator; a class absent from the target and predicted nowhere
+            scores loss ~0.
+    """
     c = probs.shape[1]
     onehot = F.one_hot(target.clamp_min(0), c).movedim(-1, 1).to(probs.dtype)
     if mask is not None:
         m = mask.unsqueeze(1).to(probs.dtype)
         probs, onehot = probs * m, onehot * m
-    dims = (0, 2, 3, 4)
+    dims = (0, *range(2, probs.dim()))
     inter = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
-    return (1.0 - (2.0 * inter + SMOOTH) / (denom + SMOOTH)).mean()
+    per_class = 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+    return per_class.mean() if include_background or c == 1 else per_class[1:].mean()
 
 
 def ce_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,10 +21,12 @@ import torch
 
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import Manifest
+from cfrseg.data.plan import PLAN_KEY, Plan, plan_for
 from cfrseg.errors import Cancelled, ConfigError, InputError, NotFoundError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
+from cfrseg.provenance import guard, stage_provenance
 from cfrseg.sam.losses import masked_ce_dice
-from cfrseg.sam.mosaic import MosaicSpec, make_batch, prepare_volume
+from cfrseg.sam.mosaic import MosaicSpec, make_batch, prepare_case
 from cfrseg.stages import checkpoint as ckpt_io
 from cfrseg.store import LocalStore, Store, get_json, put_json
 
@@ -45,10 +47,13 @@ class FinetuneConfig(ConfigBase):
     checkpoint_sha256: str | None = None            # expected sha256 of the base checkpoint (checked if set)
     image_size: int = 256                           # model input side (256 LiteMedSAM, 1024 SAM ViT)
     # --- mosaic (see cfrseg.sam.mosaic.MosaicSpec): one mosaic = one 3D window of the zoomed volume
-    crop: tuple[int, int, int] = (82, 82, 9)        # (X, Y, D); paper: (112, 112, 80) with a 9x9 grid
+    crop: tuple[int, int, int] = (82, 82, 9)        # (X, Y, D) in working voxels; paper: (112, 112, 80), 9x9 grid
     grid: int = 0                                   # 0 = ceil(sqrt(D))
     tile_pad: int = 1
-    zoom: tuple[float, float, float] = (0.43, 0.43, 0.5)  # LA 0.625 mm -> 1.45 mm in-plane, 1.25 mm z
+    # working grid = the plan's target spacing x spacing_factor (working axes: in-plane, in-plane, slice);
+    # lite: (1/0.33, 1/0.33, 2) puts LA (0.625 mm) exactly where the former zoom (0.33, 0.33, 0.5) did
+    spacing_factor: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    zoom: tuple[float, float, float] | None = None  # legacy alias: zoom z means spacing_factor 1/z (then None)
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     # --- model / optimisation
     lora_rank: int = 4                              # 0 = no LoRA: frozen encoder, decoder-only training
@@ -76,6 +81,15 @@ class FinetuneConfig(ConfigBase):
     resume: bool = False
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        z = self.zoom
+        if z is not None:
+            zs = (float(z),) * 3 if isinstance(z, (int, float)) else tuple(float(f) for f in z)
+            require(len(zs) == 3 and min(zs) > 0, f"finetune.zoom must be three positive factors, got {z!r}")
+            object.__setattr__(self, "spacing_factor", tuple(1.0 / f for f in zs))
+            object.__setattr__(self, "zoom", None)
+        super().__post_init__()
+
     def validate(self) -> None:
         require(bool(self.model), "finetune.model must be a SAM registry name")
         require(self.lora_rank >= 0, f"finetune.lora_rank must be >= 0, got {self.lora_rank}")
@@ -95,7 +109,7 @@ class FinetuneConfig(ConfigBase):
                 f"finetune.warmup_iterations must be in [0, iterations), got {self.warmup_iterations}")
         require(self.poly_power >= 0, f"finetune.poly_power must be >= 0, got {self.poly_power}")
         require(0 <= self.bezier_p <= 1, f"finetune.bezier_p must be in [0, 1], got {self.bezier_p}")
-        require(0 <= self.foreground_prob <= 1, f"finetune.foreground_prob must be in [0, 1]")
+        require(0 <= self.foreground_prob <= 1, "finetune.foreground_prob must be in [0, 1]")
         require(self.checkpoint_interval_s > 0, "finetune.checkpoint_interval_s must be > 0")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"finetune.device must be auto, cpu or cuda[:N], got {self.device!r}")
@@ -105,7 +119,8 @@ class FinetuneConfig(ConfigBase):
         """The volume -> mosaic settings (stored in finetune.pt for the pseudo-label stage)."""
         return MosaicSpec(
             image_size=self.image_size, crop=tuple(self.crop), grid=self.grid, tile_pad=self.tile_pad,
-            zoom=tuple(self.zoom), clip_percentiles=tuple(self.clip_percentiles),
+            spacing_factor=tuple(float(f) for f in self.spacing_factor),
+            clip_percentiles=tuple(self.clip_percentiles),
             rot90=self.augment_rot90, flip=self.augment_flip,
         )
 
@@ -333,20 +348,29 @@ def run_finetune(
     data: Manifest,
     store: Store,
     *,
+    plan: Plan | None = None,
     progress: ProgressFn | None = None,
     cancel: CancelFlag | None = None,
 ) -> FinetuneResult:
     """Fine-tune SAM on mosaics of the labeled cases of ``data``; see the module docstring for the outputs.
 
-    Raises InputError (no labeled case, unreadable data), NotFoundError (checkpoint file missing),
-    ConfigError, Cancelled (after writing ``checkpoint.pt``)."""
+    ``plan``: the dataset plan (default: computed from ``data``'s fingerprint, cached in ``store``). A store
+    that already holds a fine-tune run is reused (finished: returned as is; interrupted: continued) only with
+    ``config.resume`` and equal provenance (:func:`cfrseg.provenance.guard`). Raises InputError (no labeled
+    case, unreadable data), NotFoundError (checkpoint file missing), ConfigError (store holds another run),
+    Cancelled (after writing ``checkpoint.pt``)."""
     t0 = time.monotonic()
     labeled = data.labeled
     if not labeled:
         raise InputError(f"manifest {data.name!r} has no labeled case; fine-tuning needs at least one")
     base_path, base_sha = resolve_base_checkpoint(config.model, config.checkpoint, config.checkpoint_sha256)
+    plan = plan or plan_for(data, store, progress=progress, cancel=cancel, stage=STAGE)
+    prov = stage_provenance(STAGE, data, _training_fields(config.to_dict()), plan=plan.digest(),
+                            inputs={"base_sha256": base_sha or f"random:{config.model}"})
+    resuming = guard(store, STAGE, prov, config.resume, (CHECKPOINT, ARTIFACT))
+    put_json(store, PLAN_KEY, plan.to_dict())
 
-    done = _finished(config, store)
+    done = _finished(config, store) if resuming else None
     if done is not None:
         hist = get_json(store, "history.json") if store.exists("history.json") else []
         emit(progress, ProgressEvent(STAGE, config.iterations, config.iterations, message="already finished"))
@@ -368,7 +392,7 @@ def run_finetune(
     torch.manual_seed(config.seed)
     history: list[dict[str, float]] = []
     start = 0
-    if config.resume and store.exists(CHECKPOINT):
+    if resuming and store.exists(CHECKPOINT):
         ck = _load_pt(store, CHECKPOINT)
         changed = _diff(_training_fields(ck["config"]), _training_fields(config.to_dict()))
         if changed:
@@ -387,6 +411,7 @@ def run_finetune(
     def save_checkpoint(iteration: int) -> None:
         _save_pt(store, CHECKPOINT, {
             "format": FORMAT, "iteration": iteration, "config": config.to_dict(), "base_sha256": base_sha,
+            "provenance": prov,
             "trainable": trainable_state(sam), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": _rng_state(g), "history": history,
         })
@@ -401,7 +426,7 @@ def run_finetune(
         img, lab = load_case(case, data)
         if lab is None:
             raise InputError(f"labeled case {case.case_id!r} has no label")
-        volumes.append(prepare_volume(img.array, lab.array, spec, data.num_classes, device))
+        volumes.append(prepare_case(plan, spec, img, lab, data.num_classes, device)[0])
         emit(progress, ProgressEvent(STAGE, start, config.iterations,
                                      message=f"loaded {i + 1}/{len(labeled)} labeled cases"))
 
@@ -461,6 +486,7 @@ def run_finetune(
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout},
         "head_init": config.head_init, "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
         "spec": spec.to_dict(), "iterations": config.iterations, "config": config.to_dict(),
+        "plan": plan.to_dict(), "class_names": list(data.names), "provenance": prov,
         "delta": trainable_state(sam),
     })
     store.put_bytes("loss.png", plot_loss(history))
@@ -501,7 +527,8 @@ def load_finetuned(
     """Rebuild the base SAM, check its sha256 against the one recorded at fine-tune time, apply the delta.
 
     ``checkpoint`` overrides where the base weights are read (default: the recorded path, or the cache for
-    lite_medsam). Returns the model in eval mode on ``device``; ``model.cfr_spec`` holds the MosaicSpec."""
+    lite_medsam). Returns the model in eval mode on ``device``; ``model.cfr_spec`` holds the MosaicSpec and
+    ``model.cfr_plan`` the dataset plan."""
     art = artifact if artifact is not None else read_artifact(store_or_dir)
     model, want = art["model"], art.get("base_sha256")
     ck = checkpoint or art.get("base_checkpoint")
@@ -526,4 +553,12 @@ def load_finetuned(
     load_trainable_state(sam, art["delta"])
     sam.eval()
     sam.cfr_spec = MosaicSpec.from_dict(art["spec"])  # type: ignore[assignment]
+    sam.cfr_plan = load_plan(art)  # type: ignore[assignment]
     return sam.to(device)
+
+
+def load_plan(art: dict[str, Any]) -> Plan:
+    """The dataset plan a fine-tune artifact was trained with (InputError for artifacts made before plans)."""
+    if "plan" not in art:
+        raise InputError("this finetune.pt was made by an older cfrseg without a dataset plan; fine-tune again")
+    return Plan.from_dict(art["plan"])

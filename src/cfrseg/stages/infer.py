@@ -31,8 +31,9 @@ from cfrseg.models.registry import NETWORKS, build_network
 
 Triple = tuple[int, int, int]
 MODEL_FILE = "model.pt"
-DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore"}
-NORMALIZE = ("zscore", "none")
+DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore", "plan": None,
+                                      "spacing_factor": None}
+NORMALIZE = ("zscore", "none", "plan")
 PRECISIONS = ("fp32", "bf16")
 _ARTIFACT_KEYS = (
     "network",
@@ -241,6 +242,9 @@ def sliding_window(
 def check_preprocess(preprocess: Mapping[str, Any] | None) -> dict[str, Any]:
     """The preprocessing dict with defaults filled in; ConfigError on unknown keys or values.
 
+    ``normalize="plan"`` (every model.pt cfrseg writes): ``plan`` is a :class:`cfrseg.data.plan.Plan` dict
+    and ``spacing_factor`` the working grid factor; the plan's normalisation, reorientation and resampling
+    are replayed and the probabilities mapped back to the source grid. Otherwise (hand-made models, tests):
     ``zoom``: None or (fx, fy, fz) resampling factors (0.5 halves an axis) applied before the network;
     ``normalize``: ``"zscore"`` (per volume, as the reference test) or ``"none"``.
     """
@@ -257,6 +261,19 @@ def check_preprocess(preprocess: Mapping[str, Any] | None) -> dict[str, Any]:
         pre["zoom"] = tuple(float(f) for f in zoom)
     if pre["normalize"] not in NORMALIZE:
         raise ConfigError(f"preprocess.normalize must be one of {list(NORMALIZE)}, got {pre['normalize']!r}")
+    if (pre["normalize"] == "plan") != (pre["plan"] is not None):
+        raise ConfigError("preprocess: normalize 'plan' and a plan go together")
+    if pre["plan"] is not None:
+        from cfrseg.data.plan import Plan
+
+        plan = pre["plan"] if isinstance(pre["plan"], Plan) else Plan.from_dict(dict(pre["plan"]))
+        pre["plan"] = plan.to_dict()
+        f = pre["spacing_factor"] or (1.0, 1.0, 1.0)
+        if not (isinstance(f, (list, tuple)) and len(f) == 3 and all(float(v) > 0 for v in f)):
+            raise ConfigError(f"preprocess.spacing_factor must be three positive factors, got {f!r}")
+        pre["spacing_factor"] = tuple(float(v) for v in f)
+        if pre["zoom"] is not None:
+            raise ConfigError("preprocess: zoom and a plan cannot be combined (the plan sets the grid)")
     return pre
 
 
@@ -288,12 +305,23 @@ def predict_probabilities(
     preprocess: Mapping[str, Any] | None = None,
     num_classes: int | None = None,
 ) -> torch.Tensor:
-    """Probabilities (K, X, Y, Z) in the source grid of ``volume``, on the compute device: normalise, resample
-    by ``zoom``, sliding window, resample the probabilities back trilinearly to the source shape."""
+    """Probabilities (K, X, Y, Z) in the source grid of ``volume``, on the compute device: normalise,
+    reorient and resample as the model's plan says (or by ``zoom`` for plan-less models), sliding window,
+    then the probabilities back (trilinear to the oriented source shape, exact inverse reorientation)."""
     pre = check_preprocess(preprocess)
     if volume.array.ndim != 3:
         raise InputError(f"segment: expected a 3D volume (X, Y, Z), got shape {volume.array.shape}")
     k = num_classes if num_classes is not None else _num_classes(model)
+    if pre["plan"] is not None:
+        from cfrseg.data.plan import Plan, prepare_image, restore
+
+        dev = resolve_device(infer_cfg.device)
+        img, geo = prepare_image(Plan.from_dict(pre["plan"]), volume, pre["spacing_factor"], device=dev)
+        probs = sliding_window(
+            model, img, infer_cfg.patch, infer_cfg.stride, k, infer_cfg.batch_size, infer_cfg.gaussian, dev,
+            precision=infer_cfg.precision
+        )
+        return restore(probs, geo)
     arr = zscore(volume.array) if pre["normalize"] == "zscore" else volume.array.astype(np.float32)
     dev = resolve_device(infer_cfg.device)
     img = torch.from_numpy(np.ascontiguousarray(arr))[None].to(dev)
@@ -361,10 +389,14 @@ def save_model(
     network_kwargs: Mapping[str, Any] | None = None,
     preprocess: Mapping[str, Any] | None = None,
     infer: InferConfig | Mapping[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    provenance: Mapping[str, Any] | None = None,
 ) -> None:
     """Write the re-training artifact ``model.pt`` (docs/design.md, "Artifacts") to a file path (atomically)
     or a binary file object. ``network_kwargs`` are the registry options (may include ``in_channels``,
-    default 1); ``evaluate`` picks the weights :func:`load_model` uses (default: teacher if given)."""
+    default 1); ``evaluate`` picks the weights :func:`load_model` uses (default: teacher if given);
+    ``class_names``: num_classes names, background first (default ``background, class_1, ...``);
+    ``provenance``: the training run's digests (:mod:`cfrseg.provenance`)."""
     if network not in NETWORKS:
         raise ConfigError(f"save_model: unknown network {network!r}; choose one of {sorted(NETWORKS)}")
     evaluate = evaluate or ("teacher" if teacher is not None else "student")
@@ -386,6 +418,8 @@ def save_model(
         "evaluate": evaluate,
         "preprocess": check_preprocess(preprocess),
         "infer": infer_d,
+        "class_names": _class_names(class_names, int(num_classes)),
+        "provenance": dict(provenance or {}),
     }
     if not isinstance(path, (str, Path)):
         torch.save(obj, path)
@@ -407,7 +441,8 @@ def load_model(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the network of a ``model.pt`` (a folder holding it, the file itself, or its bytes) with its
     ``evaluate`` weights, on ``device``, in eval mode. Returns ``(model, meta)``; ``meta`` is the artifact
-    without the weights (network, network_kwargs, num_classes, evaluate, preprocess, infer) plus ``source``.
+    without the weights (network, network_kwargs, num_classes, evaluate, preprocess, infer) plus ``source``,
+    ``class_names`` (background first; defaults for files that have none) and ``provenance``.
     A missing file raises NotFoundError; an unreadable or inconsistent one InputError."""
     if isinstance(source, (bytes, bytearray)):
         name, fileobj = "<bytes>", io.BytesIO(source)
@@ -438,4 +473,16 @@ def load_model(
     model.to(resolve_device(device)).eval()
     meta = {k: obj[k] for k in _ARTIFACT_KEYS if k not in ("student", "teacher")}
     meta["source"] = name
+    meta["class_names"] = _class_names(obj.get("class_names"), int(obj["num_classes"]))
+    meta["provenance"] = obj.get("provenance") or {}
     return model, meta
+
+
+def _class_names(names: Sequence[str] | None, num_classes: int) -> list[str]:
+    """``names`` checked (num_classes distinct names, background first), or the defaults."""
+    if not names:
+        return ["background"] + [f"class_{k}" for k in range(1, num_classes)]
+    out = [str(n) for n in names]
+    if len(out) != num_classes or len(set(out)) != len(out):
+        raise ConfigError(f"class_names must be {num_classes} distinct names (background first), got {out}")
+    return out

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.plan import Plan, plan_for
 from cfrseg.errors import ConfigError, InputError
 from cfrseg.progress import CancelFlag, ProgressEvent, ProgressFn, emit
 from cfrseg.stages.evaluate import _clean
@@ -46,6 +47,7 @@ class PipelineConfig:
         if unknown:
             raise ConfigError(f"profile: unknown section(s) {unknown}")
         ft = dict(prof.get("finetune", {}), resume=resume)
+        pl = dict(prof.get("pseudolabel", {}), resume=resume)
         if sam_checkpoint:
             ft["checkpoint"] = sam_checkpoint
         rt = dict(prof.get("retrain", {}), resume=resume)
@@ -53,7 +55,6 @@ class PipelineConfig:
             rt["ssl"] = ssl
         if "infer" in prof:
             rt["infer"] = dict(prof["infer"], **rt.get("infer", {}))
-        pl = dict(prof.get("pseudolabel", {}))
         if sam_checkpoint:
             pl["checkpoint"] = sam_checkpoint
         extra = dict(prof.get("pipeline", {}))
@@ -81,12 +82,15 @@ def _peak_rss_mb() -> float:
 
 
 def _fg(summary: Mapping[str, Any]) -> dict[str, Any]:
-    """Foreground-class means of a metrics summary: {"dice": {"mean", "std"}, ..., "n"}."""
+    """Foreground-class means of a metrics summary: {"dice": {"mean", "std", "n_nan", "n_excluded"}, ..., "n"}
+    (``n_nan``: case-class pairs left out of the mean because the value is undefined, e.g. a distance to a
+    missed structure; ``n_excluded``: pairs where prediction and truth are both empty)."""
     out: dict[str, Any] = {"n": summary["n_cases"]}
     for m, v in summary["metrics"].items():
         stds = np.array(v["std"], dtype=float)
         stds = stds[~np.isnan(stds)]
-        out[m] = {"mean": v["class_mean"], "std": float(stds.mean()) if stds.size else float("nan")}
+        out[m] = {"mean": v["class_mean"], "std": float(stds.mean()) if stds.size else float("nan"),
+                  "n_nan": int(sum(v.get("n_nan", []))), "n_excluded": int(sum(v.get("n_excluded", [])))}
     return out
 
 
@@ -107,14 +111,19 @@ class _LocalFiles:
 
 
 def _test_sets(data: Manifest, test_data: Manifest | None) -> list[tuple[str, Manifest, list[Case]]]:
+    """The evaluation sets, each checked to share no case id and no image (sha256) with the training cases."""
+    from cfrseg.provenance import check_disjoint
+
     sets = []
     if data.test:
+        check_disjoint(data.training, data.test, "holdout set")
         sets.append(("holdout", data, data.test))
     if test_data is not None:
         if not test_data.test:
             raise InputError(f"--test-data {test_data.name!r} has no cases")
         if test_data.num_classes != data.num_classes:
             raise InputError(f"test data has {test_data.num_classes} classes, training data {data.num_classes}")
+        check_disjoint(data.training, test_data.test, "--test-data set")
         sets.append(("test", test_data, test_data.test))
     return sets
 
@@ -128,6 +137,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         raise InputError(f"dataset {data.name!r} has no unlabeled case: CFR needs unlabeled volumes")
     sets = _test_sets(data, test_data)
     put_json(store, "pipeline_config.json", config.to_dict())
+    plan = plan_for(data, store, progress=progress, cancel=cancel)
     t_all = time.monotonic()
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
@@ -138,7 +148,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
 
     t0 = time.monotonic()
     ft_store = store.sub("finetune")
-    ft = run_finetune(config.finetune, data, ft_store, progress=progress, cancel=cancel)
+    ft = run_finetune(config.finetune, data, ft_store, plan=plan, progress=progress, cancel=cancel)
     stage_done("finetune", t0)
 
     t0 = time.monotonic()
@@ -161,7 +171,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
 
     t0 = time.monotonic()
     rt_store = store.sub("retrain")
-    rt = run_retrain(config.retrain, data_pl, rt_store, progress=progress, cancel=cancel)
+    rt = run_retrain(config.retrain, data_pl, rt_store, plan=plan, progress=progress, cancel=cancel)
     stage_done("retrain", t0)
 
     final_metrics: dict[str, Any] = {}
@@ -178,7 +188,9 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         "profile": config.profile,
         "config": config.to_dict(),
         "dataset": {"name": data.name, "num_classes": data.num_classes, "labeled": len(data.labeled),
-                    "unlabeled": len(data.unlabeled), "test": {n: len(c) for n, _, c in sets}},
+                    "unlabeled": len(data.unlabeled), "test": {n: len(c) for n, _, c in sets},
+                    "class_names": list(data.names), "modality": data.modality},
+        "plan": plan.to_dict(),
         "timings_s": dict(timings, total=round(time.monotonic() - t_all, 1)),
         "peak_rss_mb": dict(peaks, overall=round(_peak_rss_mb(), 1)),
         "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from},
@@ -254,7 +266,8 @@ def _row(summary: Mapping[str, Any]) -> str:
 
     def cell(m: str) -> str:
         v = f[m]
-        return f"{v['mean']:.4f} ± {v['std']:.4f}" if v["mean"] == v["mean"] else "nan"
+        txt = f"{v['mean']:.4f} ± {v['std']:.4f}" if v["mean"] == v["mean"] else "nan"
+        return txt + (f" (n_nan {v['n_nan']})" if m in ("asd", "hd95") else "")
 
     return " | ".join(cell(m) for m in ("dice", "jaccard", "asd", "hd95")) + f" | {f['n']}"
 
@@ -262,11 +275,14 @@ def _row(summary: Mapping[str, Any]) -> str:
 def _report_md(report: Mapping[str, Any], config: PipelineConfig) -> str:
     lines = [f"# CFR run report ({report['profile'] or 'custom profile'})", ""]
     d = report["dataset"]
-    lines += [f"Dataset `{d['name']}`: {d['labeled']} labeled, {d['unlabeled']} unlabeled, test sets {d['test']}.",
+    lines += [f"Dataset `{d['name']}` ({d['modality']}, classes {', '.join(d['class_names'])}): {d['labeled']} "
+              f"labeled, {d['unlabeled']} unlabeled, test sets {d['test']}.",
+              f"Plan: {Plan.from_dict(report['plan']).describe()}.",
               f"SAM `{config.finetune.model}` fine-tuned {report['finetune']['iterations']} iterations; "
               f"3D network `{config.retrain.network}` re-trained with `{config.retrain.ssl}` for "
               f"{report['retrain']['iterations']} iterations (evaluated: {config.retrain.evaluate} weights).", ""]
-    lines += ["## Metrics (foreground classes; ASD/HD95 in mm)", "",
+    lines += ["## Metrics (mean over foreground classes; ASD/HD95 in mm; n_nan = case-class pairs without a "
+              "defined distance, left out of the mean)", "",
               "| model | set | Dice | Jaccard | ASD | HD95 | cases |", "|---|---|---|---|---|---|---|"]
     q = report["pseudolabel"]["quality"]
     if q:
@@ -286,7 +302,8 @@ def _summary_text(report: Mapping[str, Any]) -> str:
     for key, name in (("CFR_FT", "SAM alone"), ("final", "final 3D model")):
         for set_name, r in report["metrics"][key].items():
             f = _fg(r["summary"])
-            parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} mm")
+            parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} mm "
+                         f"(n_nan {f['hd95']['n_nan']})")
     q = report["pseudolabel"]["quality"]
     if q:
         parts.append(f"pseudo-labels: Dice {_fg(q['summary'])['dice']['mean']:.4f}")

@@ -28,19 +28,23 @@ import torch.nn.functional as F
 
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import ROLES, Case, Manifest
+from cfrseg.data.plan import PLAN_KEY, Plan
 from cfrseg.data.volume import Volume
-from cfrseg.errors import ConfigError, InputError
+from cfrseg.errors import InputError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
+from cfrseg.provenance import digest, file_sha256, guard, normalize, stage_provenance
 from cfrseg.sam import concat
 from cfrseg.sam.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
 from cfrseg.sam.mosaic import MosaicSpec, crop_padded, orient, plan_windows, prepare_volume, unorient
-from cfrseg.stages.finetune import ARTIFACT, load_finetuned, read_artifact, resolve_device
+from cfrseg.stages.finetune import ARTIFACT, load_finetuned, load_plan, read_artifact, resolve_device
 from cfrseg.store import Store, get_json, put_json
 
 STAGE = "pseudolabel"
 SOURCE = "source.json"
 CALIBRATION = "calibration.json"
 CALIBRATIONS = ("none", "prior")
+#: config fields that do not change the labels (free to differ on resume)
+OPERATIONAL = ("resume", "device", "batch_size", "checkpoint", "merge_lora")
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,11 @@ class PseudolabelConfig(ConfigBase):
     calibration_voxels: int = 200_000         # prior: voxels sampled per calibration volume
     calibration_min_labeled: int = 2          # prior: with fewer labeled volumes, keep the argmax (a prior from
                                               # one volume is unreliable: LA L=1 lost 0.05 Dice with it)
+    resume: bool = False                      # reuse / continue what the store holds (same provenance only)
     device: str = "auto"
 
     def validate(self) -> None:
+        require(isinstance(self.resume, bool), "pseudolabel.resume must be true or false")
         require(len(self.roles) > 0 and all(r in ROLES for r in self.roles),
                 f"pseudolabel.roles must be a non-empty subset of {ROLES}, got {self.roles}")
         require(0 <= self.overlap < 1, f"pseudolabel.overlap must be in [0, 1), got {self.overlap}")
@@ -119,12 +125,15 @@ def predict_volume(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     cancel: CancelFlag | None = None,
+    size: tuple[int, int, int] | None = None,
+    window: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Class probabilities (K, X, Y, Z) float32 on ``device`` for a whole volume ``image`` (X, Y, Z) in its own
-    grid. Windows of ``spec.crop`` cover the zoomed volume; overlapping predictions (in-plane overlap, shared
-    slices between slice groups, TTA orientations) are averaged."""
+    grid. Windows of ``spec.crop`` cover the volume resampled to ``size`` (default: ``spec.zoom``);
+    overlapping predictions (in-plane overlap, shared slices between slice groups, TTA orientations) are
+    averaged. ``window``: fixed [0, 1] intensity window (CT) instead of per-volume percentiles."""
     device = torch.device(device)
-    pv = prepare_volume(image, None, spec, num_classes, device)
+    pv = prepare_volume(image, None, spec, num_classes, device, size=size, window=window)
     layout = spec.layout()
     family = tta_family(spec, tta_count) if tta else [(0, False)]
     total = torch.zeros((num_classes, *pv.image.shape), dtype=torch.float32, device=device)
@@ -154,6 +163,17 @@ def predict_volume(
     if tuple(probs.shape[1:]) != tuple(image.shape):
         probs = F.interpolate(probs[None], size=tuple(image.shape), mode="trilinear", align_corners=False)[0]
     return probs
+
+
+def predict_case(sam: torch.nn.Module, spec: MosaicSpec, plan: Plan, volume: Volume, num_classes: int,
+                 **kw: Any) -> torch.Tensor:
+    """Class probabilities (K, X, Y, Z) of ``volume`` in its SOURCE array order and grid: the plan's
+    reorientation (exact, slice axis last), [0, 1] window and working grid at ``spec.spacing_factor``, then
+    :func:`predict_volume` (``kw``: its options), then the inverse reorientation."""
+    geo = plan.geometry(volume, spec.spacing_factor)
+    arr = np.ascontiguousarray(geo.amap.apply(volume.array))
+    probs = predict_volume(sam, spec, arr, num_classes, size=geo.working_shape, window=plan.unit_window(), **kw)
+    return geo.amap.invert(probs).contiguous()
 
 
 def tta_family(spec: MosaicSpec, count: int = 0) -> list:
@@ -209,11 +229,11 @@ def _load_model(config: PseudolabelConfig, finetuned: Store, data: Manifest,
     return sam, spec, art
 
 
-def _predict(config: PseudolabelConfig, model: tuple, image: np.ndarray, num_classes: int,
+def _predict(config: PseudolabelConfig, model: tuple, image: Volume, num_classes: int,
              device: torch.device, cancel: CancelFlag | None) -> torch.Tensor:
-    sam, spec, _ = model
-    return predict_volume(sam, spec, image, num_classes, tta=config.tta, tta_count=config.tta_count,
-                          overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel)
+    sam, spec, art = model
+    return predict_case(sam, spec, load_plan(art), image, num_classes, tta=config.tta, tta_count=config.tta_count,
+                        overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel)
 
 
 def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], model: tuple, device: torch.device,
@@ -235,7 +255,7 @@ def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], mode
     for i, case in enumerate(picks):
         check_cancel(cancel, STAGE)
         image, _ = load_case(case, data, check_pseudo=False)
-        probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+        probs = _predict(config, model, image, data.num_classes, device, cancel)
         samples.append(subsample(probs, config.calibration_voxels, seed=i))
         emit(progress, ProgressEvent(STAGE, 0, len(cases), message=f"calibrating on {case.case_id} ({i + 1}/{n})"))
     pooled = torch.cat(samples)
@@ -254,6 +274,22 @@ def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], mode
 
 # ------------------------------------------------------------------------------------------------ the stage
 
+def case_key(case_id: str) -> str:
+    """The per-case record, written last: the case is finished when it exists with the stage's provenance."""
+    return f"cases/{case_id}.json"
+
+
+def _case_done(store: Store, case: Case, stage_digest: str, write_confidence: bool) -> bool:
+    lk, ck, rk = label_key(case.case_id), confidence_key(case.case_id), case_key(case.case_id)
+    if not (store.exists(lk) and store.exists(rk) and (store.exists(ck) or not write_confidence)):
+        return False
+    try:
+        rec = get_json(store, rk)
+    except ValueError:
+        return False
+    return rec.get("provenance") == stage_digest and rec.get("image_sha256") == file_sha256(case.image)
+
+
 def run_pseudolabel(
     config: PseudolabelConfig,
     data: Manifest,
@@ -265,27 +301,28 @@ def run_pseudolabel(
 ) -> PseudolabelResult:
     """Label the cases of ``data`` whose role is in ``config.roles`` with the SAM fine-tuned in ``finetuned``.
 
-    Writes ``labels/<id>.nii.gz``, ``confidence/<id>.nii.gz``, ``config.json``, ``source.json`` (digest of the
-    fine-tune artifact) and ``summary.json`` (per-case time, foreground fraction, mean confidence). Cases whose
-    files exist are skipped. Raises NotFoundError (no finetune.pt), InputError, ConfigError (the store holds
-    labels of another fine-tuned model), Cancelled (finished cases stay)."""
+    Writes ``labels/<id>.nii.gz``, ``confidence/<id>.nii.gz`` and ``cases/<id>.json`` (written last: the case
+    is done), ``config.json``, ``provenance.json`` (data, settings, code, plan, ``finetune.pt`` digests),
+    ``source.json``, ``plan.json`` and ``summary.json`` (per-case time, foreground fraction, mean confidence).
+    The volumes go through the plan stored in ``finetune.pt``; labels come back in each case's source
+    geometry. A store holding an earlier run is continued only with ``config.resume`` and equal provenance;
+    then finished cases (files and record present, same provenance and image sha256) are not redone.
+    Raises NotFoundError (no finetune.pt), InputError, ConfigError (the store holds another run),
+    Cancelled (finished cases stay)."""
     t0 = time.monotonic()
     cases = _cases(data, config.roles)
-    digest = _digest(finetuned) if finetuned.exists(ARTIFACT) else None
-    if digest is None:
+    digest_ft = _digest(finetuned) if finetuned.exists(ARTIFACT) else None
+    if digest_ft is None:
         read_artifact(finetuned)   # raises the clear NotFoundError
-    if store.exists(SOURCE):
-        src = get_json(store, SOURCE)
-        old = src.get("finetune_sha256")
-        if old != digest:
-            raise ConfigError(f"{store!r} holds pseudo-labels of another fine-tuned SAM ({ARTIFACT} sha256 "
-                              f"{old}); write to a new folder or delete it")
-        if src.get("calibration", "none") != config.calibration:
-            raise ConfigError(f"{store!r} holds pseudo-labels made with calibration {src.get('calibration', 'none')!r},"
-                              f" not {config.calibration!r}; write to a new folder or delete it")
-    put_json(store, SOURCE, {"finetune_sha256": digest, "calibration": config.calibration})
+    art = read_artifact(finetuned)
+    plan = load_plan(art)
+    fields = {k: v for k, v in config.to_dict().items() if k not in OPERATIONAL}
+    prov = stage_provenance(STAGE, data, fields, plan=plan.digest(), inputs={"finetune_sha256": digest_ft or ""})
+    guard(store, STAGE, prov, config.resume, (SOURCE, CALIBRATION, "labels/", "cases/"))
+    stage_digest = digest({k: v for k, v in normalize(prov).items() if k not in ("cases", "config_fields")})
+    put_json(store, SOURCE, {"finetune_sha256": digest_ft, "calibration": config.calibration})
     put_json(store, "config.json", config.to_dict())
-    summary: dict[str, Any] = get_json(store, "summary.json") if store.exists("summary.json") else {}
+    put_json(store, PLAN_KEY, plan.to_dict())
 
     device = resolve_device(config.device)
     labels, paths, conf_keys, skipped = {}, {}, {}, []
@@ -304,13 +341,15 @@ def run_pseudolabel(
             calib = calibrate(config, data, cases, model, device, progress, cancel)
             put_json(store, CALIBRATION, calib)
     weights = None if calib is None else calib.get("weights")
+    summary: dict[str, Any] = {}
     eta = Eta()
     eta(0, len(cases))
     for i, case in enumerate(cases):
         lk, ck = label_key(case.case_id), confidence_key(case.case_id)
-        done = store.exists(lk) and (store.exists(ck) or not config.write_confidence)
+        done = _case_done(store, case, stage_digest, config.write_confidence)
         if done:
             skipped.append(case.case_id)
+            rec = get_json(store, case_key(case.case_id))
         else:
             check_cancel(cancel, STAGE)
             if model is None:
@@ -319,15 +358,16 @@ def run_pseudolabel(
 
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
-            probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+            probs = _predict(config, model, image, data.num_classes, device, cancel)
             lab, conf = probs_to_label(probs, weights)
             if config.write_confidence:
                 _put_volume(store, ck, image.with_array(conf), label=False)
-            _put_volume(store, lk, image.with_array(lab), label=True)   # written last: marks the case done
-            summary[case.case_id] = {"seconds": round(time.monotonic() - tc, 2),
-                                     "foreground_fraction": float((lab > 0).mean()),
-                                     "mean_confidence": float(conf.mean())}
-            put_json(store, "summary.json", summary)
+            _put_volume(store, lk, image.with_array(lab), label=True)
+            rec = {"provenance": stage_digest, "image_sha256": file_sha256(case.image),
+                   "seconds": round(time.monotonic() - tc, 2), "foreground_fraction": float((lab > 0).mean()),
+                   "mean_confidence": float(conf.mean())}
+            put_json(store, case_key(case.case_id), rec)   # written last: marks the case done
+        summary[case.case_id] = {k: rec.get(k) for k in ("seconds", "foreground_fraction", "mean_confidence")}
         labels[case.case_id] = lk
         if config.write_confidence:
             conf_keys[case.case_id] = ck
@@ -336,6 +376,7 @@ def run_pseudolabel(
             paths[case.case_id] = lp
         emit(progress, ProgressEvent(STAGE, i + 1, len(cases), message=f"{case.case_id}"
                                      + (" (already done)" if done else ""), eta_s=eta(i + 1, len(cases))))
+    put_json(store, "summary.json", summary)
     return PseudolabelResult(store, labels, paths, conf_keys, skipped, time.monotonic() - t0, calib)
 
 
@@ -372,7 +413,7 @@ def evaluate_sam(
         if gt is None:
             raise InputError(f"evaluate_sam: case {case.case_id!r} has no label")
         tc = time.monotonic()
-        probs = _predict(config, model, image.array, data.num_classes, device, cancel)
+        probs = _predict(config, model, image, data.num_classes, device, cancel)
         lab, _ = probs_to_label(probs, class_weights)
         out["seconds"][case.case_id] = round(time.monotonic() - tc, 2)
         out["cases"][case.case_id] = compute_case(lab, gt.array, image.spacing, data.num_classes)

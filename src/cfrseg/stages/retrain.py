@@ -29,6 +29,8 @@ from torch import nn
 
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import Case, Manifest
+from cfrseg.data.plan import Plan
+from cfrseg.provenance import training_images
 from cfrseg.errors import Cancelled, ConfigError, InputError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, emit
 from cfrseg.ssl.ema import update_ema
@@ -43,7 +45,8 @@ MODEL = "model.pt"
 LR_SCHEDULES = ("step", "poly", "constant")
 PL_RAMPS = ("none", "sigmoid")
 # fields that may change between a run and its resumption (they do not change what is trained)
-OPERATIONAL = ("resume", "checkpoint_interval_s", "device", "num_workers", "evaluate", "infer")
+OPERATIONAL = ("resume", "checkpoint_interval_s", "device", "num_workers", "evaluate", "infer",
+               "infer_stride_fraction")
 
 
 def _default_net_kwargs() -> dict[str, Any]:
@@ -62,8 +65,12 @@ class RetrainConfig(ConfigBase):
     iterations: int = 6000
     batch_labeled: int = 2
     batch_unlabeled: int = 2
-    patch: tuple[int, int, int] = (112, 112, 80)
-    zoom: tuple[float, float, float] | None = None   # resampling factors applied to every volume (lite: 0.5)
+    patch: tuple[int, int, int] = (112, 112, 80)     # voxels of the working grid (ignored when patch_mm is set)
+    patch_mm: tuple[float, float, float] | None = None  # physical patch (working axes); voxels from the plan
+    # working grid = the plan's target spacing x spacing_factor (working axes: in-plane, in-plane, slice);
+    # lite: 2 = half resolution (LA 0.625 -> 1.25 mm, exactly where the former zoom 0.5 put it)
+    spacing_factor: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    zoom: tuple[float, float, float] | None = None   # legacy alias: zoom z means spacing_factor 1/z (then None)
     # optimisation
     lr: float = 0.01
     momentum: float = 0.9
@@ -97,12 +104,19 @@ class RetrainConfig(ConfigBase):
     evaluate: str = "teacher"                    # which weights model.pt serves
     device: str = "auto"
     infer: dict[str, Any] = field(default_factory=dict)  # InferConfig fields for evaluation / segmentation
+    infer_stride_fraction: tuple[float, float, float] | None = None  # stride = patch x this (None: patch / 4)
     num_workers: int = 0                         # threads cutting crops (0 = in the training thread)
 
     def __post_init__(self) -> None:
         z = self.zoom
         if isinstance(z, (int, float)) and not isinstance(z, bool):
-            object.__setattr__(self, "zoom", (float(z),) * 3)
+            z = (float(z),) * 3
+        if z is not None:
+            zs = tuple(z) if isinstance(z, (list, tuple)) else ()
+            require(len(zs) == 3 and all(isinstance(f, (int, float)) and 0 < f <= 4 for f in zs),
+                    f"retrain.zoom must be None or three factors in (0, 4], got {z!r}")
+            object.__setattr__(self, "spacing_factor", tuple(1.0 / float(f) for f in zs))
+            object.__setattr__(self, "zoom", None)
         for name in ("network_kwargs", "infer"):  # JSON-normalise (tuples -> lists) so round trips compare equal
             v = getattr(self, name)
             if isinstance(v, dict):
@@ -123,10 +137,17 @@ class RetrainConfig(ConfigBase):
                 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 16 and v % 16 == 0
                         for v in self.patch),
                 f"{p}.patch must be three integers, multiples of 16 (V-Net), got {self.patch!r}")
-        if self.zoom is not None:
-            require(isinstance(self.zoom, tuple) and len(self.zoom) == 3
-                    and all(isinstance(f, (int, float)) and 0 < f <= 4 for f in self.zoom),
-                    f"{p}.zoom must be None or three factors in (0, 4], got {self.zoom!r}")
+        require(isinstance(self.spacing_factor, tuple) and len(self.spacing_factor) == 3
+                and all(isinstance(f, (int, float)) and 0.05 <= f <= 20 for f in self.spacing_factor),
+                f"{p}.spacing_factor must be three factors in [0.05, 20], got {self.spacing_factor!r}")
+        for name in ("patch_mm", "infer_stride_fraction"):
+            v = getattr(self, name)
+            require(v is None or (isinstance(v, tuple) and len(v) == 3
+                                  and all(isinstance(f, (int, float)) and f > 0 for f in v)),
+                    f"{p}.{name} must be None or three positive numbers, got {v!r}")
+        if self.infer_stride_fraction is not None:
+            require(max(self.infer_stride_fraction) <= 1,
+                    f"{p}.infer_stride_fraction must be fractions of the patch in (0, 1]")
         for name in ("lr", "lr_gamma", "lr_poly_power"):
             _pos(getattr(self, name), f"{p}.{name}")
         _frac(self.momentum, f"{p}.momentum", hi_open=True)
@@ -167,12 +188,24 @@ class RetrainConfig(ConfigBase):
         patch = the training patch, stride = patch / 4 (rounded), device = this config's device."""
         from cfrseg.stages.infer import InferConfig
 
-        base = {"patch": self.patch, "stride": tuple(max(1, p // 4) for p in self.patch), "device": self.device}
+        frac = self.infer_stride_fraction
+        stride = (tuple(max(1, p // 4) for p in self.patch) if frac is None
+                  else tuple(max(1, int(round(p * f))) for p, f in zip(self.patch, frac)))
+        base = {"patch": self.patch, "stride": stride, "device": self.device}
         base.update(self.infer)
         return InferConfig.from_dict(base)
 
-    def preprocess(self) -> dict[str, Any]:
-        return {"zoom": self.zoom, "normalize": "zscore"}
+    def resolved(self, plan: Any) -> "RetrainConfig":
+        """This config with ``patch`` computed from ``patch_mm`` by ``plan`` (unchanged without patch_mm)."""
+        if self.patch_mm is None:
+            return self
+        return self.replace(patch=plan.patch_voxels(self.patch_mm, self.spacing_factor))
+
+    def preprocess(self, plan: Any = None) -> dict[str, Any]:
+        if plan is None:
+            return {"zoom": None, "normalize": "zscore"}
+        return {"zoom": None, "normalize": "plan", "plan": plan.to_dict(),
+                "spacing_factor": list(self.spacing_factor)}
 
     def ssl_params(self, num_classes: int) -> SSLParams:
         return SSLParams(
@@ -238,36 +271,26 @@ class TrainData:
         return any(p is not None for _, p in self.unlabeled)
 
 
-def preprocess_image(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndarray:
-    """z-score per volume, then trilinear resampling by ``zoom`` (exactly what cfrseg.stages.infer does at test time)."""
-    from cfrseg.stages.infer import resize, zoomed_shape, zscore
-
-    t = torch.from_numpy(np.ascontiguousarray(zscore(array)))[None]
-    return resize(t, zoomed_shape(array.shape, zoom))[0].numpy().astype(np.float32, copy=False)
-
-
-def preprocess_label(array: np.ndarray, zoom: Sequence[float] | None) -> np.ndarray:
-    """Nearest-neighbour resampling (half-voxel centred, like the trilinear image resampling) to uint8."""
-    from cfrseg.stages.infer import zoomed_shape
-
-    size = zoomed_shape(array.shape, zoom)
-    if tuple(size) == tuple(array.shape):
-        return array.astype(np.uint8, copy=False)
-    t = torch.from_numpy(array.astype(np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].numpy().astype(np.uint8)
-
-
-def load_train_data(cfg: RetrainConfig, data: Manifest, need_unlabeled: bool) -> TrainData:
-    """Read, validate and preprocess the labeled cases and (if needed or pseudo-labelled) the unlabeled cases."""
+def load_train_data(cfg: RetrainConfig, data: Manifest, need_unlabeled: bool, plan: Plan) -> TrainData:
+    """Read, validate and preprocess (``plan`` at ``cfg.spacing_factor``: the same path
+    :func:`cfrseg.stages.infer.predict_probabilities` replays at test time) the labeled cases and (if needed
+    or pseudo-labelled) the unlabeled cases. Labels and pseudo-labels get the image's exact reorientation and
+    nearest-neighbour resampling."""
     from cfrseg.data.datasets import load_case, load_pseudo_label
+    from cfrseg.data.plan import prepare_image, prepare_label
 
     if not data.labeled:
         raise InputError(f"manifest {data.name!r} has no labeled case: re-training needs at least one")
+
+    def prep(img: Any, lbl: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        t, geo = prepare_image(plan, img, cfg.spacing_factor)
+        return t[0].numpy().astype(np.float32, copy=False), None if lbl is None else prepare_label(lbl, geo)
+
     lab, lab_ids = [], []
     for c in data.labeled:
         img, lbl = load_case(c, data, check_pseudo=False)
         assert lbl is not None  # Manifest guarantees a label file for labeled cases
-        lab.append((preprocess_image(img.array, cfg.zoom), preprocess_label(lbl.array, cfg.zoom)))
+        lab.append(prep(img, lbl.array))
         lab_ids.append(c.case_id)
     unl, unl_ids = [], []
     ucases = data.unlabeled
@@ -277,8 +300,7 @@ def load_train_data(cfg: RetrainConfig, data: Manifest, need_unlabeled: bool) ->
         for c in ucases:
             img, _ = load_case(c, data, check_pseudo=False)
             pl = load_pseudo_label(c, data, img).array if c.pseudo_label else None
-            unl.append((preprocess_image(img.array, cfg.zoom),
-                        None if pl is None else preprocess_label(pl, cfg.zoom)))
+            unl.append(prep(img, pl))
             unl_ids.append(c.case_id)
     return TrainData(lab, unl, lab_ids, unl_ids)
 
@@ -425,14 +447,17 @@ def _final_losses(history: list[dict[str, float]], n: int = 10) -> dict[str, flo
 
 
 # -------------------------------------------------------------------------------------------- artifacts
-def _save_artifacts(cfg: RetrainConfig, num_classes: int, student: Mapping[str, torch.Tensor],
-                    teacher: Mapping[str, torch.Tensor], history: list[dict[str, float]], store: Store) -> None:
+def _save_artifacts(cfg: RetrainConfig, data: Manifest, plan: Plan, prov: Mapping[str, Any],
+                    student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                    history: list[dict[str, float]], store: Store) -> None:
     from cfrseg.stages.infer import save_model
 
     buf = io.BytesIO()
-    save_model(buf, network=cfg.network, num_classes=num_classes, student=student, teacher=teacher,
-               evaluate=cfg.evaluate, network_kwargs=cfg.network_kwargs, preprocess=cfg.preprocess(),
-               infer=cfg.infer_config())
+    save_model(buf, network=cfg.network, num_classes=data.num_classes, student=student, teacher=teacher,
+               evaluate=cfg.evaluate, network_kwargs=cfg.network_kwargs, preprocess=cfg.preprocess(plan),
+               infer=cfg.infer_config(), class_names=data.names,
+               provenance={**{k: v for k, v in prov.items() if k != "cases"},
+                           "training_images": training_images(prov)})
     store.put_bytes(MODEL, buf.getvalue())
     store.put_bytes("config.json", cfg.to_json().encode())
     put_json(store, "history.json", history)
@@ -478,22 +503,33 @@ def _finished(cfg: RetrainConfig, store: Store) -> dict[str, Any] | None:
     return ck
 
 
-def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
+def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Plan | None = None,
                 progress: ProgressFn | None = None, cancel: CancelFlag | None = None) -> RetrainResult:
-    """Train (or resume, or return the finished result of) the re-training stage into ``store``."""
-    cfg = config
-    done = _finished(cfg, store)
+    """Train (or resume, or return the finished result of) the re-training stage into ``store``.
+
+    ``plan``: the dataset plan (default: computed from ``data``'s fingerprint, cached in ``store``); it fixes
+    the working grid and, with ``patch_mm``, the patch. A store that already holds a re-training run is
+    reused only with ``config.resume`` and equal provenance (:func:`cfrseg.provenance.guard`)."""
+    from cfrseg.data.plan import PLAN_KEY, plan_for
+    from cfrseg.provenance import guard, stage_provenance
+
+    plan = plan or plan_for(data, store, progress=progress, cancel=cancel, stage=STAGE)
+    cfg = config.resolved(plan)
+    prov = stage_provenance(STAGE, data, _training_fields(cfg.to_dict()), plan=plan.digest())
+    resuming = guard(store, STAGE, prov, cfg.resume, (CHECKPOINT, MODEL))
+    put_json(store, PLAN_KEY, plan.to_dict())
+    done = _finished(cfg, store) if resuming else None
     if done is not None:
         saved = get_json(store, "config.json") if store.exists("config.json") else {}
         if _norm(saved) != _norm(cfg.to_dict()):  # e.g. another `evaluate` choice: refresh the artifact
-            _save_artifacts(cfg, data.num_classes, done["student"], done["teacher"], done["history"], store)
+            _save_artifacts(cfg, data, plan, prov, done["student"], done["teacher"], done["history"], store)
         emit(progress, ProgressEvent(STAGE, cfg.iterations, cfg.iterations, _final_losses(done["history"]),
                                      "already finished"))
         return RetrainResult(MODEL, cfg.iterations, float(done.get("elapsed_s", 0.0)), _peak_rss_mb(),
                              _final_losses(done["history"]))
 
     ckpt = None
-    if cfg.resume and store.exists(CHECKPOINT):
+    if resuming and store.exists(CHECKPOINT):
         ckpt = load_checkpoint(store)
         diff = _config_diff(ckpt.get("config", {}), cfg)
         if diff:
@@ -505,7 +541,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.ssl, cfg.ssl_params(data.num_classes))
-    td = load_train_data(cfg, data, need_unlabeled=method.uses_unlabeled)
+    td = load_train_data(cfg, data, need_unlabeled=method.uses_unlabeled, plan=plan)
     use_u = method.uses_unlabeled or td.has_pseudo
 
     from cfrseg.models.registry import build_network
@@ -540,7 +576,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
                "scheduler": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, max(it - 1, 0))},
                "sampler": batches.sampler.state_dict(), "rng": _rng_state(), "history": history,
                "elapsed_s": elapsed0 + time.monotonic() - t0, "labeled_ids": td.labeled_ids,
-               "unlabeled_ids": td.unlabeled_ids}
+               "unlabeled_ids": td.unlabeled_ids, "provenance": prov}
         store.put_bytes(CHECKPOINT, ckpt_io.dumps(obj))
 
     teacher_fn = make_teacher_fn(teacher, cfg)
@@ -563,7 +599,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
         save_ckpt()
     finally:
         batches.close()
-    _save_artifacts(cfg, data.num_classes, student.state_dict(), teacher.state_dict(), history, store)
+    _save_artifacts(cfg, data, plan, prov, student.state_dict(), teacher.state_dict(), history, store)
     return RetrainResult(MODEL, it, elapsed0 + time.monotonic() - t0, _peak_rss_mb(), _final_losses(history))
 
 
@@ -612,6 +648,8 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
     from cfrseg.metrics import compute_case, format_table, summarize
     from cfrseg.stages.infer import InferConfig, load_model, segment_volume
 
+    from cfrseg.provenance import check_disjoint
+
     if isinstance(cases, Manifest):
         manifest = manifest or cases
         todo = cases.test
@@ -621,10 +659,14 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
         todo = list(cases)
         if manifest is None:
             raise InputError("evaluate_model: pass the manifest the cases come from (num_classes, spacing)")
+    check_disjoint(manifest.training, todo, f"evaluation set of {manifest.name!r}")
     if isinstance(model, (str, Path)):
         net, meta = load_model(model, device=device)
     else:
         net, meta = load_model(model.get_bytes(MODEL), device=device)
+    trained_on = (meta.get("provenance") or {}).get("training_images")
+    if trained_on:
+        check_disjoint(trained_on, todo, "evaluation set (against the model's own training cases)")
     icfg = InferConfig.from_dict({**dict(meta.get("infer", {})), "device": device, **dict(infer or {})})
     out_dir = Path(predictions) if predictions is not None else None
     results: dict[str, dict[str, list[float]]] = {}
@@ -642,5 +684,6 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
             write_volume(pred, out_dir / f"{case.case_id}.nii.gz", label=True)
         emit(progress, ProgressEvent("evaluate", i + 1, len(todo), {}, case.case_id))
     summary = summarize(list(results.values()))
-    return {"cases": results, "summary": summary, "table": format_table(summary, cases=results),
-            "evaluate": meta.get("evaluate")}
+    names = list(meta.get("class_names") or manifest.names)
+    return {"cases": results, "summary": summary, "table": format_table(summary, names[1:], cases=results),
+            "evaluate": meta.get("evaluate"), "class_names": names}
