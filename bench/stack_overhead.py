@@ -37,7 +37,7 @@ def in_process(data: Path, profile: str, out: Path) -> float:
     from cfrseg.store import LocalStore
 
     cfg = PipelineConfig.from_profile(load_profile(profile), ssl="mt", profile=profile)
-    m = build_manifest(data, labeled=1, holdout=1)
+    m = build_manifest(data, labeled=1, holdout=1, num_classes=2)
     t0 = time.monotonic()
     run_pipeline(cfg, m, LocalStore(out))
     return time.monotonic() - t0
@@ -48,7 +48,7 @@ def through_stack(stack, data: Path, profile: str) -> tuple[float, dict]:
 
     with Client(stack.addr("gateway"), stack.token) as c:
         t0 = time.monotonic()
-        ds = c.create_dataset(data, labeled=1, holdout=1, name="bench")
+        ds = c.create_dataset(data, labeled=1, holdout=1, name="bench", num_classes=2)
         t_up = time.monotonic() - t0
         run = c.submit_run(ds.dataset_id, profile=profile, ssl_method="mt")
         final = c.wait_run(run.run_id, timeout=3600)

@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("upload-dataset", help="upload a dataset folder (LA h5 layout, nnU-Net, images/ + labels/)")
     p.add_argument("folder")
     p.add_argument("--name", default=None)
-    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classes, background included (required for images/ + labels/ folders)")
     p.add_argument("--labeled", default=None, help="number of labeled cases, or comma-separated case ids")
     p.add_argument("--holdout", type=int, default=0, help="hold out the last N cases as test cases")
     p.add_argument("--test", default="", help="comma-separated case ids to use as test cases")

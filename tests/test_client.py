@@ -51,7 +51,8 @@ def test_stack_and_client(stack_dir, capsys, tmp_path):
     assert r.returncode == 1 and "already running" in r.stderr
 
     data = make_dataset(tmp_path / "set", n=3)
-    rc, out, _ = run_client(capsys, stack_dir, "upload-dataset", str(data), "--labeled", "1", "--holdout", "1")
+    rc, out, _ = run_client(capsys, stack_dir, "upload-dataset", str(data), "--labeled", "1", "--holdout", "1",
+                            "--num-classes", "2")
     assert rc == 0 and "1 labeled, 1 unlabeled, 1 test" in out
     ds_id = out.split()[1].rstrip(":")
     rc, out, err = run_client(capsys, stack_dir, "submit", "--dataset", ds_id, "--profile", "tiny", "--ssl", "mt",

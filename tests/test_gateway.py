@@ -45,7 +45,7 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def done_run(client, data, stack):
     """A dataset (c0 labeled, c1 unlabeled, c2 test) and a finished run on it."""
-    ds = client.create_dataset(data, labeled=1, holdout=1, name="three")
+    ds = client.create_dataset(data, labeled=1, holdout=1, name="three", num_classes=2)
     run = client.submit_run(ds.dataset_id, profile="tiny", ssl_method="mt", request_id="done-run")
     final = client.wait_run(run.run_id, timeout=120)
     assert state_name(final.state) == "SUCCEEDED", f"{final}\n{dump_logs(stack)}"
@@ -114,7 +114,7 @@ def test_segment_a_file_streams_the_label_back(client, done_run, data, tmp_path)
 
 
 def test_watch_reports_stage_progress(client, data):
-    ds = client.create_dataset(data, labeled=1, name="watch")
+    ds = client.create_dataset(data, labeled=1, name="watch", num_classes=2)
     run = client.submit_run(ds.dataset_id)
     events = list(client.watch_run(run.run_id, timeout=120))
     stages = [e.progress.stage for e in events]
@@ -124,7 +124,7 @@ def test_watch_reports_stage_progress(client, data):
 
 
 def test_cancel_a_running_run(client, data):
-    ds = client.create_dataset(data, labeled=2, name="cancel")
+    ds = client.create_dataset(data, labeled=2, name="cancel", num_classes=2)
     run = client.submit_run(ds.dataset_id)
     r = client.cancel_run(run.run_id)
     assert state_name(r.state) in ("CANCELLING", "CANCELLED")
@@ -260,6 +260,9 @@ def test_bad_input(client, done_run, tmp_path, stack):
     three = raw_upload(client, vol_bytes(tmp_path, label_of(v, 3), "three.nii.gz", label=True), kind="label")
     with check(C.INVALID_ARGUMENT, "values [3] are outside [0, 2)"):
         client.stub.CreateDataset(_dataset_req([_case("a", img, three)]), **client._kw())
+    # labels {0, 3} declared as 4 classes: classes 1 and 2 have no labeled voxel -> refused, named
+    with check(C.INVALID_ARGUMENT, "class(es) 1 (class_1), 2 (class_2) have no voxel in any labeled case"):
+        client.stub.CreateDataset(_dataset_req([_case("a", img, three)], num_classes=4), **client._kw())
     empty = raw_upload(client, vol_bytes(tmp_path, v.with_array(np.zeros(v.shape, np.uint8)), "e.nii.gz",
                                          label=True), kind="label")
     with check(C.INVALID_ARGUMENT, "no foreground"):

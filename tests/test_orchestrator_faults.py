@@ -35,7 +35,7 @@ def client(stack):
 @pytest.fixture(scope="module")
 def dataset(client, tmp_path_factory):
     return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
-                                 holdout=1, name="faults")
+                                 holdout=1, name="faults", num_classes=2)
 
 
 def executions(client, run_id, stage, tmp_path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The whole CFR pipeline end to end with `cfrseg run` (tiny profile) on three small real LA crops."""
+"""The whole CFR pipeline end to end with `cfrseg run` (tiny profile) on four small real LA crops."""
 
 from __future__ import annotations
 
@@ -15,19 +15,20 @@ from tests.la_crops import write_cropped_la
 
 @pytest.fixture(scope="module")
 def crops(la_dir, la_ids, tmp_path_factory) -> Path:
-    return write_cropped_la(la_dir, la_ids[:3], tmp_path_factory.mktemp("la3"))
+    return write_cropped_la(la_dir, la_ids[:4], tmp_path_factory.mktemp("la4"))
 
 
 @pytest.mark.la
 def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    # 3 cases: first labeled, last held out for evaluation, the middle one unlabeled
+    # 4 cases: first labeled, last held out for evaluation, the middle ones unlabeled
     rc = main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
-               "--ssl", "mt", "--out", str(out)])
+               "--ssl", "mt", "--out", str(out), "--num-classes", "2", "--class-names", "atrium"])
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
-    assert rep["dataset"] == {"name": rep["dataset"]["name"], "num_classes": 2, "labeled": 1, "unlabeled": 1,
-                              "test": {"holdout": 1}}
+    assert rep["dataset"] == {"name": rep["dataset"]["name"], "num_classes": 2, "labeled": 1, "unlabeled": 2,
+                              "test": {"holdout": 1}, "class_names": ["background", "atrium"], "modality": "MR"}
+    assert rep["plan"]["orientation"] == "LPS" and rep["plan"]["target_spacing"] == [0.625] * 3
     assert rep["finetune"]["iterations"] == 4 and rep["retrain"]["iterations"] == 6
     for key in ("CFR_FT", "final"):
         s = rep["metrics"][key]["holdout"]["summary"]
@@ -43,7 +44,18 @@ def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None
     # a second run resumes: every stage is found finished and nothing is trained again
     ft_ck = (out / "finetune/checkpoint.pt").stat().st_mtime_ns
     assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
-                 "--ssl", "mt", "--out", str(out), "--resume"]) == 0
+                 "--ssl", "mt", "--out", str(out), "--resume", "--num-classes", "2",
+                 "--class-names", "atrium"]) == 0
+    assert (out / "finetune/checkpoint.pt").stat().st_mtime_ns == ft_ck
+    capsys.readouterr()
+    # without --resume the same --out is refused; another --labeled is refused even with --resume
+    assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
+                 "--out", str(out), "--num-classes", "2", "--class-names", "atrium"]) == 2
+    assert "already holds a finetune run" in capsys.readouterr().err
+    assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "2", "--holdout", "1",
+                 "--out", str(out), "--num-classes", "2", "--class-names", "atrium", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume the finetune run" in err and "roles changed" in err and "unlabeled->labeled" in err
     assert (out / "finetune/checkpoint.pt").stat().st_mtime_ns == ft_ck
 
 
@@ -51,12 +63,12 @@ def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None
 def test_segment_and_evaluate_commands(crops: Path, tmp_path: Path, capsys) -> None:
     model_dir = tmp_path / "model"
     assert main(["retrain", "--profile", "tiny", "--data", str(crops), "--labeled", "2", "--ssl", "none",
-                 "--out", str(model_dir)]) == 0
+                 "--out", str(model_dir), "--num-classes", "2"]) == 0
     pred = tmp_path / "pred"
     assert main(["segment", "--model", str(model_dir), "--input", str(crops / "images"),
                  "--output", str(pred), "--device", "cpu"]) == 0
     files = sorted(pred.glob("*.nii.gz"))
-    assert len(files) == 3
+    assert len(files) == 4
     for f in files:
         p, s = read_volume(f), read_volume(crops / "images" / f.name)
         assert p.same_geometry(s) and set(np.unique(p.array)) <= {0, 1}
@@ -64,7 +76,7 @@ def test_segment_and_evaluate_commands(crops: Path, tmp_path: Path, capsys) -> N
     assert main(["evaluate", "--pred", str(pred), "--gt", str(crops / "labels"), "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert set(res["cases"]) == {f.name[:-7] for f in files}
-    assert res["summary"]["n_cases"] == 3
+    assert res["summary"]["n_cases"] == 4
     assert "dice" in capsys.readouterr().out
 
 

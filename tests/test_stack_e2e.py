@@ -49,7 +49,7 @@ def stack(tmp_path_factory):
 def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
     data = crop_la_cases(la_dir, la_ids[:3], tmp_path / "la3")
     with Client(stack.addr("gateway"), stack.token) as c:
-        ds = c.create_dataset(data, labeled=1, holdout=1, name="la3")
+        ds = c.create_dataset(data, labeled=1, holdout=1, name="la3", num_classes=2)
         assert (ds.num_labeled, ds.num_unlabeled, ds.num_test) == (1, 1, 1)
         test_id = next(x.case_id for x in ds.cases if x.role == 3)
         run = c.submit_run(ds.dataset_id, profile="tiny", ssl_method="mt", name="e2e")
