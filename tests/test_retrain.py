@@ -203,3 +203,8 @@ def test_evaluate_model(la_dir, tmp_path):
     assert (tmp_path / "pred" / f"{cid}.nii.gz").is_file()
     out2 = evaluate_model(store, m.test, m)                  # from a Store, with a case list
     assert out2["cases"][cid]["dice"] == out["cases"][cid]["dice"]
+    assert out["class_names"] == ["background", "left_atrium"] and "left_atrium" in out["table"]
+    # the model knows what it was trained on: scoring its training case is refused, whatever the manifest says
+    leak = dataclasses.replace(m, cases=(dataclasses.replace(m.labeled[0], role="test"),))
+    with pytest.raises(InputError, match="against the model's own training cases.*same case id"):
+        evaluate_model(store, leak)
