@@ -204,10 +204,30 @@ def test_ct_plan_clips_to_foreground_percentiles_and_uses_dataset_statistics(tmp
     z = plan.zscore(hu)
     assert z.min() == pytest.approx((norm["clip"][0] - norm["mean"]) / norm["std"], rel=1e-5)
     assert plan.unit_window() == tuple(norm["clip"])
+    # SAM's input: the HU window scaled to [0, 1] (air clipped to 0), on the working grid
+    from cfrseg.sam.mosaic import MosaicSpec, prepare_case
+
+    pv, geo = prepare_case(plan, MosaicSpec(image_size=64, crop=(16, 16, 4), spacing_factor=(1.0, 1.0, 1.0)),
+                           img.with_array(hu), None, 2, torch.device("cpu"))
+    assert float(pv.image.min()) == 0.0 and float(pv.image.max()) == 1.0 and tuple(pv.image.shape) == (32, 32, 24)
     # MR of the same data: per-volume z-score, no window
     mr = plan_for(m)
     assert mr.normalization == {"scheme": "per_volume"} and mr.unit_window() is None
     assert mr.zscore(hu).mean() == pytest.approx(0, abs=1e-4)
+
+
+def test_plan_command_prints_and_writes_the_plan(tmp_path: Path, capsys) -> None:
+    from cfrseg.cli import main
+
+    vols = {"a": sample((24, 20, 12), (0.8, 0.8, 3.0), np.eye(3)), "b": sample((20, 24, 12), (0.8, 0.8, 3.0),
+                                                                              np.diag([-1.0, -1.0, 1.0]))}
+    write_cases(tmp_path / "d", vols)
+    assert main(["plan", "--data", str(tmp_path / "d"), "--num-classes", "2", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "target spacing (0.8, 0.8, 3) mm, slice axis z" in out and "'LPS', 'RAS'" in out
+    assert Plan.from_dict(__import__("json").loads((tmp_path / "o" / "plan.json").read_text())).slice_axis == 2
+    assert main(["plan", "--data", str(tmp_path / "d")]) == 2          # classes are explicit for folders
+    assert "--num-classes" in capsys.readouterr().err
 
 
 def test_classes_without_labeled_voxels_are_an_error_naming_them(tmp_path: Path) -> None:
