@@ -51,12 +51,14 @@ def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None
     # without --resume the same --out is refused; another --labeled is refused even with --resume
     assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "1", "--holdout", "1",
                  "--out", str(out), "--num-classes", "2", "--class-names", "atrium"]) == 2
-    assert "already holds a finetune run" in capsys.readouterr().err
+    assert "already holds a pipeline run" in capsys.readouterr().err
+    kept = {f: (out / f).stat().st_mtime_ns for f in ("plan.json", "fingerprint.json", "pipeline_config.json")}
     assert main(["run", "--profile", "tiny", "--data", str(crops), "--labeled", "2", "--holdout", "1",
                  "--out", str(out), "--num-classes", "2", "--class-names", "atrium", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "cannot resume the finetune run" in err and "roles changed" in err and "unlabeled->labeled" in err
     assert (out / "finetune/checkpoint.pt").stat().st_mtime_ns == ft_ck
+    assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept      # the refused run changed nothing
 
 
 @pytest.mark.la

@@ -33,6 +33,7 @@ import torch
 from cfrseg.data.resample import CANONICAL, AxisMap, canonical_map, resize_image, resize_label, target_shape
 from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, InputError
+from cfrseg.store import get_json, put_json
 
 VERSION = 1
 ANISOTROPY = 3.0
@@ -230,14 +231,13 @@ FINGERPRINT_KEY = "fingerprint.json"
 PLAN_KEY = "plan.json"
 
 
-def plan_for(data: Any, store: Any = None, *, progress: Any = None, cancel: Any = None,
-             stage: str = "plan") -> Plan:
-    """The plan of manifest ``data``: computed from its fingerprint, or read back from ``store``
-    (``fingerprint.json`` + ``plan.json``) when they were made from the same training cases (same manifest
-    digest: ids, roles, file contents). Both files are (re)written to ``store`` when given."""
+def fingerprint_and_plan(data: Any, store: Any = None, *, write: bool = True, progress: Any = None,
+                         cancel: Any = None, stage: str = "plan") -> tuple[dict[str, Any], Plan]:
+    """(fingerprint, plan) of manifest ``data``: computed, or read back from ``store`` (``fingerprint.json`` +
+    ``plan.json``) when they were made from the same training cases (same manifest digest: ids, roles, file
+    contents). Freshly computed ones are written to ``store`` when given and ``write``."""
     from cfrseg.data.fingerprint import compute_fingerprint
     from cfrseg.provenance import digest, manifest_record
-    from cfrseg.store import get_json, put_json
 
     want = digest(manifest_record(data, data.training))
     if store is not None and store.exists(FINGERPRINT_KEY) and store.exists(PLAN_KEY):
@@ -246,12 +246,23 @@ def plan_for(data: Any, store: Any = None, *, progress: Any = None, cancel: Any 
             if fp.get("manifest") == want and fp.get("version") is not None:
                 plan = Plan.from_dict(get_json(store, PLAN_KEY))
                 if plan.fingerprint == digest(fp):
-                    return plan
+                    return fp, plan
         except (ConfigError, ValueError, KeyError):
             pass   # unreadable cache: plan again
     fp = compute_fingerprint(data, progress=progress, cancel=cancel, stage=stage)
     plan = make_plan(fp)
-    if store is not None:
-        put_json(store, FINGERPRINT_KEY, fp)
-        put_json(store, PLAN_KEY, plan.to_dict())
-    return plan
+    if store is not None and write:
+        save_plan(store, fp, plan)
+    return fp, plan
+
+
+def save_plan(store: Any, fingerprint: dict[str, Any], plan: Plan) -> None:
+    """Write ``fingerprint.json`` and ``plan.json`` to ``store``."""
+    put_json(store, FINGERPRINT_KEY, fingerprint)
+    put_json(store, PLAN_KEY, plan.to_dict())
+
+
+def plan_for(data: Any, store: Any = None, *, progress: Any = None, cancel: Any = None,
+             stage: str = "plan") -> Plan:
+    """The plan of manifest ``data`` (:func:`fingerprint_and_plan`, cached in / written to ``store``)."""
+    return fingerprint_and_plan(data, store, progress=progress, cancel=cancel, stage=stage)[1]

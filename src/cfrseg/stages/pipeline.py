@@ -1,7 +1,9 @@
-"""The whole CFR pipeline: fine-tune SAM -> pseudo-label -> re-train the 3D network -> evaluate -> report.
+"""The whole CFR pipeline: plan -> fine-tune SAM -> pseudo-label -> re-train the 3D network -> evaluate -> report.
 
-One call, resumable: each stage keeps its checkpoint and artifacts in its own part of ``store``
-(``finetune/``, ``pseudolabel/``, ``retrain/``), and a finished stage is not run again. Writes ``report.json``,
+One call, resumable: the dataset is planned once (``plan.json``, ``fingerprint.json``), each stage keeps its
+checkpoint and artifacts in its own part of ``store`` (``finetune/``, ``pseudolabel/``, ``retrain/``); with
+``resume`` (and the same data, settings and code: :mod:`cfrseg.provenance`) an interrupted stage continues and
+a finished stage is not run again; without it a store holding a run is refused. Writes ``report.json``,
 ``report.md``, ``loss_curves.png`` and ``overlays/<case>.png`` at the top of ``store``.
 """
 
@@ -18,7 +20,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from cfrseg.data.manifest import Case, Manifest
-from cfrseg.data.plan import Plan, plan_for
+from cfrseg.data.plan import Plan, fingerprint_and_plan, save_plan
 from cfrseg.errors import ConfigError, InputError
 from cfrseg.progress import CancelFlag, ProgressEvent, ProgressFn, emit
 from cfrseg.stages.evaluate import _clean
@@ -136,8 +138,14 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
     if not data.unlabeled:
         raise InputError(f"dataset {data.name!r} has no unlabeled case: CFR needs unlabeled volumes")
     sets = _test_sets(data, test_data)
-    put_json(store, "pipeline_config.json", config.to_dict())
-    plan = plan_for(data, store, progress=progress, cancel=cancel)
+    earlier = store.exists("pipeline_config.json")
+    if earlier and not config.finetune.resume:
+        raise ConfigError(f"{store!r} already holds a pipeline run; pass --resume to continue or reuse it (only "
+                          f"with the same data, settings and code), or write to a fresh --out")
+    # an earlier run's record is rewritten only once its fine-tune stage accepted the inputs
+    fingerprint, plan = fingerprint_and_plan(data, store, write=not earlier, progress=progress, cancel=cancel)
+    if not earlier:
+        put_json(store, "pipeline_config.json", config.to_dict())
     t_all = time.monotonic()
     timings: dict[str, float] = {}
     peaks: dict[str, float] = {}
@@ -150,6 +158,9 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
     ft_store = store.sub("finetune")
     ft = run_finetune(config.finetune, data, ft_store, plan=plan, progress=progress, cancel=cancel)
     stage_done("finetune", t0)
+    if earlier:
+        save_plan(store, fingerprint, plan)
+        put_json(store, "pipeline_config.json", config.to_dict())
 
     t0 = time.monotonic()
     pl_store = store.sub("pseudolabel")
