@@ -24,15 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import Case, Manifest
 from cfrseg.data.plan import Plan
-from cfrseg.provenance import training_images
 from cfrseg.errors import Cancelled, ConfigError, InputError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, emit
+from cfrseg.provenance import training_images
 from cfrseg.ssl.ema import update_ema
 from cfrseg.ssl.methods import METHODS, SSLMethod, SSLParams, build_method
 from cfrseg.ssl.sampling import TwoStreamSampler, crop_aug
@@ -646,9 +645,8 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
     """
     from cfrseg.data.datasets import load_case
     from cfrseg.metrics import compute_case, format_table, summarize
-    from cfrseg.stages.infer import InferConfig, load_model, segment_volume
-
     from cfrseg.provenance import check_disjoint
+    from cfrseg.stages.infer import InferConfig, load_model, segment_volume
 
     if isinstance(cases, Manifest):
         manifest = manifest or cases
