@@ -53,9 +53,9 @@ def test_paper_follows_the_reference_optimiser_and_consistency() -> None:
 
 
 def test_docs_tables_are_generated_from_the_profile_files(tmp_path: Path) -> None:
-    text = DOC.read_text()
+    text = DOC.read_text(encoding="utf-8")
     assert splice(text, render()) == text, "docs/profiles.md is stale: python -m cfrseg.profiles.tables docs/profiles.md"
     stale = tmp_path / "p.md"
-    stale.write_text(text.replace("| `lr` |", "| `lr` | 1e-4 |", 1))
+    stale.write_text(text.replace("| `lr` |", "| `lr` | 1e-4 |", 1), encoding="utf-8")
     assert tables_main([str(stale), "--check"]) == 1
-    assert tables_main([str(stale)]) == 0 and stale.read_text() == text
+    assert tables_main([str(stale)]) == 0 and stale.read_text(encoding="utf-8") == text

@@ -237,7 +237,7 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
     if not dj.is_file():
         raise InputError(f"{root}: no dataset.json (not an nnU-Net/MSD dataset folder)")
     try:
-        meta = json.loads(dj.read_text())
+        meta = json.loads(dj.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{dj}: malformed JSON: {e}") from None
     if not isinstance(meta, dict):

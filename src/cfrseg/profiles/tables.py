@@ -67,14 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("doc", type=Path)
     ap.add_argument("--check", action="store_true", help="only compare; exit 1 when the file is out of date")
     a = ap.parse_args(argv)
-    text = a.doc.read_text()
+    text = a.doc.read_text(encoding="utf-8")
     new = splice(text, render())
     if a.check:
         if new != text:
             print(f"{a.doc} is out of date: run python -m cfrseg.profiles.tables {a.doc}", file=sys.stderr)
             return 1
         return 0
-    a.doc.write_text(new)
+    a.doc.write_text(new, encoding="utf-8")
     return 0
 
 
