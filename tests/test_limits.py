@@ -77,7 +77,7 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(stack, tmp_path_factory):
     with Client(stack.addr("gateway"), TOKEN_A) as c:
-        return c.create_dataset(make_dataset(tmp_path_factory.mktemp("set"), n=3), labeled=1, holdout=1)
+        return c.create_dataset(make_dataset(tmp_path_factory.mktemp("set"), n=3), labeled=1, holdout=1, num_classes=2)
 
 
 @pytest.mark.stack

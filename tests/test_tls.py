@@ -147,7 +147,7 @@ def test_sdk_over_tls_with_a_hospital_certificate(stack, tmp_path):
         wait_for(lambda: ok.health(include_components=False, timeout=2).serving, 60, "second gateway", proc,
                  tmp_path / "gateway2.log")
         # a run submitted and watched over TLS
-        ds = ok.create_dataset(make_dataset(tmp_path / "set", n=3), labeled=1, holdout=1, name="tls")
+        ds = ok.create_dataset(make_dataset(tmp_path / "set", n=3), labeled=1, holdout=1, name="tls", num_classes=2)
         run = ok.submit_run(ds.dataset_id, profile="tiny")
         events = list(ok.watch_run(run.run_id, timeout=120))
         assert events and events[-1].state in FINAL
