@@ -57,7 +57,8 @@ def test_cli_over_mtls(stack, tmp_path):
     assert tls["client_required"] and Path(tls["ca"]).is_file()
     assert (stack / "tls" / "server.key").stat().st_mode & 0o077 == 0
     data = make_dataset(tmp_path / "set", n=3)
-    r = cfrseg("client", "--stack-dir", str(stack), "upload-dataset", str(data), "--labeled", "1", "--holdout", "1")
+    r = cfrseg("client", "--stack-dir", str(stack), "upload-dataset", str(data), "--labeled", "1", "--holdout", "1",
+               "--num-classes", "2")
     assert r.returncode == 0, r.stderr
     ds_id = r.stdout.split()[1].rstrip(":")
     # options after the command; the stack's CA and client certificate are picked up from stack.json
