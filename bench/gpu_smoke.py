@@ -79,7 +79,8 @@ def synthetic_dataset(root: Path, shape: tuple[int, int, int], n: int = 2) -> An
 
 
 def random_checkpoint(model: str, path: Path) -> Path:
-    """A randomly initialised base SAM written as a checkpoint file (so the stage code path is the real one)."""
+    """A randomly initialised base SAM written as a checkpoint file (so the stage code path is the real
+    one)."""
     import torch
 
     from cfrseg.sam.model import build_base_sam
@@ -147,7 +148,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = resolve_device("cpu" if args.tiny and args.device == "auto" else args.device)
     dev = str(device)
     profile = "tiny" if args.tiny else "paper"
-    sets = [f"finetune.iterations={args.finetune_iterations}", f"retrain.iterations={args.retrain_iterations}",
+    sets = [f"finetune.iterations={args.finetune_iterations}",
+            f"retrain.iterations={args.retrain_iterations}",
             f'finetune.device="{dev}"', f'pseudolabel.device="{dev}"', f'retrain.device="{dev}"',
             "finetune.checkpoint_interval_s=36000", "retrain.checkpoint_interval_s=36000"]
     if args.tiny:
@@ -166,8 +168,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ft_sec = dict(prof["finetune"])
         checkpoint = None
         if ft_sec["model"] != "tiny":
-            checkpoint = Path(args.checkpoint) if args.checkpoint else random_checkpoint(ft_sec["model"],
-                                                                                          root / "random_sam.pth")
+            checkpoint = (Path(args.checkpoint) if args.checkpoint
+                          else random_checkpoint(ft_sec["model"], root / "random_sam.pth"))
             ft_sec["checkpoint"] = str(checkpoint)
         ft_cfg = FinetuneConfig.from_dict(ft_sec)
 
@@ -184,16 +186,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "traceback": traceback.format_exc(limit=4)}
                 out = None
             res["phases"][name] = rec
-            print(f"  {name}: {rec.get('seconds', 0):.1f} s" + (f"  ERROR {rec['error']}" if "error" in rec else ""),
-                  flush=True)
+            err = f"  ERROR {rec['error']}" if "error" in rec else ""
+            print(f"  {name}: {rec.get('seconds', 0):.1f} s{err}", flush=True)
             return out
 
         phase("sam_fwd_bwd", lambda: sam_steps(args, ft_cfg, checkpoint, device))
         ft_store = LocalStore(root / "finetune")
         ft = phase("finetune", lambda: _ft(run_finetune(ft_cfg, data, ft_store), args.finetune_iterations))
         one = data.__class__(data.name, data.num_classes, data.cases[:1] + data.cases[1:2], data.spacing)
-        pl_cfg = PseudolabelConfig.from_dict(dict(prof["pseudolabel"], checkpoint=str(checkpoint) if checkpoint
-                                                  else None))
+        pl_cfg = PseudolabelConfig.from_dict(dict(prof["pseudolabel"],
+                                                  checkpoint=str(checkpoint) if checkpoint else None))
         pl = phase("pseudolabel_1_volume", lambda: _pl(run_pseudolabel(pl_cfg, one, LocalStore(root / "pl"),
                                                                        finetuned=ft_store)) if ft else None)
         rt_cfg = RetrainConfig.from_dict(dict(prof["retrain"]))
@@ -227,8 +229,8 @@ def table(res: dict[str, Any]) -> str:
     for prec in ("fp32", "bf16"):
         r = sam.get(prec, {})
         if "step_s" in r:
-            rows.append([f"SAM fwd+bwd {sam['image_size']} px, batch 2, LoRA ({prec})", "", f"{r['step_s']:.3f}",
-                         f"{r['peak_mb']:.0f}", ""])
+            rows.append([f"SAM fwd+bwd {sam['image_size']} px, batch 2, LoRA ({prec})", "",
+                         f"{r['step_s']:.3f}", f"{r['peak_mb']:.0f}", ""])
         elif r:
             rows.append([f"SAM fwd+bwd ({prec})", "", "", "", r.get("skipped") or r.get("error", "")])
     for name, key in (("fine-tune", "finetune"), ("pseudo-label 1 volume", "pseudolabel_1_volume"),
@@ -250,10 +252,12 @@ def table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tiny", action="store_true", help="tiny models on CPU, a few iterations (seconds; tests)")
+    ap.add_argument("--tiny", action="store_true",
+                    help="tiny models on CPU, a few iterations (seconds; tests)")
     ap.add_argument("--checkpoint", default=None, help="SAM ViT-B checkpoint (sam_vit_b_01ec64.pth); "
                     "without it: random weights, timing only")
-    ap.add_argument("--json", default=None, help="write the results here (default bench/results/gpu_smoke.json)")
+    ap.add_argument("--json", default=None,
+                    help="write the results here (default bench/results/gpu_smoke.json)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--finetune-iterations", type=int, default=None)
     ap.add_argument("--retrain-iterations", type=int, default=None)

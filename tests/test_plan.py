@@ -209,7 +209,8 @@ def test_ct_plan_clips_to_foreground_percentiles_and_uses_dataset_statistics(tmp
 
     pv, geo = prepare_case(plan, MosaicSpec(image_size=64, crop=(16, 16, 4), spacing_factor=(1.0, 1.0, 1.0)),
                            img.with_array(hu), None, 2, torch.device("cpu"))
-    assert float(pv.image.min()) == 0.0 and float(pv.image.max()) == 1.0 and tuple(pv.image.shape) == (32, 32, 24)
+    assert float(pv.image.min()) == 0.0 and float(pv.image.max()) == 1.0
+    assert tuple(pv.image.shape) == (32, 32, 24)
     # MR of the same data: per-volume z-score, no window
     mr = plan_for(m)
     assert mr.normalization == {"scheme": "per_volume"} and mr.unit_window() is None
@@ -222,10 +223,12 @@ def test_plan_command_prints_and_writes_the_plan(tmp_path: Path, capsys) -> None
     vols = {"a": sample((24, 20, 12), (0.8, 0.8, 3.0), np.eye(3)), "b": sample((20, 24, 12), (0.8, 0.8, 3.0),
                                                                               np.diag([-1.0, -1.0, 1.0]))}
     write_cases(tmp_path / "d", vols)
-    assert main(["plan", "--data", str(tmp_path / "d"), "--num-classes", "2", "--out", str(tmp_path / "o")]) == 0
+    assert main(["plan", "--data", str(tmp_path / "d"), "--num-classes", "2",
+                 "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "target spacing (0.8, 0.8, 3) mm, slice axis z" in out and "'LPS', 'RAS'" in out
-    assert Plan.from_dict(__import__("json").loads((tmp_path / "o" / "plan.json").read_text())).slice_axis == 2
+    saved = __import__("json").loads((tmp_path / "o" / "plan.json").read_text())
+    assert Plan.from_dict(saved).slice_axis == 2
     assert main(["plan", "--data", str(tmp_path / "d")]) == 2          # classes are explicit for folders
     assert "--num-classes" in capsys.readouterr().err
 

@@ -32,7 +32,8 @@ def test_paper_mosaic_is_unscaled_and_the_label_round_trip_is_exact_at_1024() ->
     assert torch.equal(concat.from_mosaic(concat.to_mosaic(image, layout), layout), image)
     assert int(concat.validity_mask(layout).sum()) == 112 * 112 * 80
     # rows 256 and 769 (dropped or duplicated by the old 1026 -> 1024 resize) hold slices 18..26 and 54..62
-    assert torch.equal(m[:, 256, :1008].reshape(2, 9, 112), label[:, 256 - 2 * 112, :, 18:27].permute(0, 2, 1))
+    row = label[:, 256 - 2 * 112, :, 18:27].permute(0, 2, 1)
+    assert torch.equal(m[:, 256, :1008].reshape(2, 9, 112), row)
 
 
 def test_paper_follows_the_reference_optimiser_and_consistency() -> None:
@@ -41,8 +42,8 @@ def test_paper_follows_the_reference_optimiser_and_consistency() -> None:
     assert (ft.lr, ft.weight_decay, ft.warmup_iterations, ft.poly_power, ft.iterations, ft.batch_size) == (
         1e-3, 0.1, 0, 0.9, 6000, 2)
     assert (ft.lora_rank, ft.model, ft.image_size, ft.bezier_p) == (4, "vit_b", 1024, 0.5)
-    assert rt.consistency_on_labeled and (rt.consistency, rt.consistency_rampup, rt.pl_weight, rt.pl_ramp) == (
-        0.1, 1.0, 1.0, "none")
+    assert rt.consistency_on_labeled
+    assert (rt.consistency, rt.consistency_rampup, rt.pl_weight, rt.pl_ramp) == (0.1, 1.0, 1.0, "none")
     assert (rt.lr, rt.lr_schedule, rt.iterations, rt.evaluate) == (0.01, "step", 6000, "student")
     # on LA's grid (0.625 mm) the physical patch is the reference's 112x112x80 and the stride its 18/18/4
     la = Plan("MR", (0.625,) * 3, 2, median_shape=(192, 143, 88))
@@ -54,7 +55,7 @@ def test_paper_follows_the_reference_optimiser_and_consistency() -> None:
 
 def test_docs_tables_are_generated_from_the_profile_files(tmp_path: Path) -> None:
     text = DOC.read_text(encoding="utf-8")
-    assert splice(text, render()) == text, "docs/profiles.md is stale: python -m cfrseg.profiles.tables docs/profiles.md"
+    assert splice(text, render()) == text, "stale: python -m cfrseg.profiles.tables docs/profiles.md"
     stale = tmp_path / "p.md"
     stale.write_text(text.replace("| `lr` |", "| `lr` | 1e-4 |", 1), encoding="utf-8")
     assert tables_main([str(stale), "--check"]) == 1

@@ -36,7 +36,8 @@ def test_reuse_only_with_resume_and_equal_digests(tmp_path: Path) -> None:
     assert guard(store, "retrain", prov, resume=False, markers=("model.pt",)) is False   # fresh: recorded
     assert json.loads(store.get_bytes("provenance.json"))["manifest"] == prov["manifest"]
     store.put_bytes("model.pt", b"x")
-    with pytest.raises(ConfigError, match=r"already holds a retrain run \(provenance.json, model.pt\).*--resume"):
+    with pytest.raises(ConfigError,
+                       match=r"already holds a retrain run \(provenance.json, model.pt\).*--resume"):
         guard(store, "retrain", prov, resume=False, markers=("model.pt",))
     assert guard(store, "retrain", prov, resume=True, markers=("model.pt",)) is True     # same digests: reuse
     # another --labeled: the message names the cases whose role changed
@@ -46,7 +47,8 @@ def test_reuse_only_with_resume_and_equal_digests(tmp_path: Path) -> None:
     # another dataset file, another setting, another plan, another input
     edited = Path(m.cases[2].image)
     write_volume(Volume(np.ones((12, 10, 8), np.float32)), edited)
-    prov3 = stage_provenance("retrain", m, {"lr": 0.02, "iterations": 10}, plan="p2", inputs={"finetune": "b"})
+    prov3 = stage_provenance("retrain", m, {"lr": 0.02, "iterations": 10}, plan="p2",
+                             inputs={"finetune": "b"})
     msg = " | ".join(differences(json.loads(store.get_bytes("provenance.json")), prov3))
     assert "files changed for ['c2']" in msg and "settings: lr 0.01->0.02" in msg
     assert "plan: p1 -> p2" in msg and "input finetune" in msg

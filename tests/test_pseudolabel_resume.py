@@ -31,8 +31,8 @@ def progress(ev):
     if ev.stage == "pseudolabel" and ev.step == int(sys.argv[4]):
         os.kill(os.getpid(), signal.SIGKILL)       # a hard crash right after this case was written
 
-run_pseudolabel(PseudolabelConfig(resume=True, device="cpu"), Manifest.load(sys.argv[1]), LocalStore(sys.argv[2]),
-                finetuned=LocalStore(sys.argv[3]), progress=progress)
+run_pseudolabel(PseudolabelConfig(resume=True, device="cpu"), Manifest.load(sys.argv[1]),
+                LocalStore(sys.argv[2]), finetuned=LocalStore(sys.argv[3]), progress=progress)
 """
 
 
@@ -61,8 +61,9 @@ def small(tmp_path_factory) -> tuple[Manifest, LocalStore, Path]:
 def test_kill9_mid_stage_then_resume_redoes_only_unfinished_cases(small, tmp_path: Path) -> None:
     m, ft, root = small
     out = tmp_path / "pl"
-    r = subprocess.run([sys.executable, "-c", CRASH, str(root / "manifest.json"), str(out), str(ft.root), "2"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    cmd = [sys.executable, "-c", CRASH, str(root / "manifest.json"), str(out), str(ft.root), "2"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert r.returncode == -9, r.stderr
     store = LocalStore(out)
     done = sorted(k.split("/")[1][: -len(".json")] for k in store.list("cases/"))

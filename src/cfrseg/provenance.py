@@ -121,7 +121,8 @@ def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
         if files:
             parts.append(f"files changed for {_few(files)}")
         od, nd = old.get("dataset", {}), new.get("dataset", {})
-        parts += [f"{k} {od.get(k)!r}->{nd.get(k)!r}" for k in sorted(set(od) | set(nd)) if od.get(k) != nd.get(k)]
+        parts += [f"{k} {od.get(k)!r}->{nd.get(k)!r}" for k in sorted(set(od) | set(nd))
+                  if od.get(k) != nd.get(k)]
         out.append("data: " + ("; ".join(parts) if parts else "the manifest differs"))
     if old.get("config") != new.get("config"):
         of, nf = old.get("config_fields", {}), new.get("config_fields", {})
@@ -203,5 +204,5 @@ def check_disjoint(training: Iterable[Case] | Mapping[str, str], test: Iterable[
             parts.append(f"same case id as a training case: {_few(same_id)}")
         if same_img:
             parts.append(f"same image file content (sha256) as a training case: {_few(same_img)}")
-        raise InputError(f"the {what} overlaps the training data ({'; '.join(parts)}); scoring training cases "
-                         f"would overstate the results: use test cases the model never trained on")
+        raise InputError(f"the {what} overlaps the training data ({'; '.join(parts)}); scoring training "
+                         f"cases would overstate the results: use test cases the model never trained on")

@@ -59,7 +59,8 @@ def compute_fingerprint(data: Manifest, *, progress: ProgressFn | None = None,
             image, label = load_case(c, data, check_pseudo=False)
             assert label is not None
             lab = label.array
-            counts += np.bincount(lab.reshape(-1).astype(np.int64), minlength=data.num_classes)[: data.num_classes]
+            flat = lab.reshape(-1).astype(np.int64)
+            counts += np.bincount(flat, minlength=data.num_classes)[: data.num_classes]
             fg = image.array[lab > 0]
             if fg.size > FG_SAMPLES:
                 fg = np.random.default_rng(i).choice(fg, FG_SAMPLES, replace=False)

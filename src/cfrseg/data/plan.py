@@ -42,7 +42,7 @@ Triple = tuple[int, int, int]
 
 @dataclass(frozen=True)
 class CaseGeometry:
-    """How one volume maps to the working grid: axis map, shape after reorientation, shape after resampling."""
+    """How one volume maps to the working grid: axis map, shape after reorientation and after resampling."""
 
     amap: AxisMap
     oriented_shape: Triple
@@ -70,7 +70,8 @@ class Plan:
         object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
         object.__setattr__(self, "median_shape", tuple(int(s) for s in self.median_shape))
         if len(self.target_spacing) != 3 or min(self.target_spacing) <= 0:
-            raise ConfigError(f"plan: target_spacing must be three positive mm values, got {self.target_spacing}")
+            raise ConfigError(f"plan: target_spacing must be three positive mm values, got "
+                              f"{self.target_spacing}")
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"plan: slice_axis must be 0, 1 or 2, got {self.slice_axis}")
         scheme = self.normalization.get("scheme")
@@ -79,7 +80,8 @@ class Plan:
         if scheme == "ct" and not all(k in self.normalization for k in ("clip", "mean", "std")):
             raise ConfigError(f"plan: CT normalization needs clip, mean and std, got {self.normalization!r}")
         if self.orientation != CANONICAL or self.version != VERSION:
-            raise ConfigError(f"plan: orientation {self.orientation!r} / version {self.version} not supported "
+            raise ConfigError(f"plan: orientation {self.orientation!r} / version {self.version} not "
+                              f"supported "
                               f"(this cfrseg writes {CANONICAL} / {VERSION})")
 
     # ---- axes and grids
@@ -129,8 +131,8 @@ class Plan:
         if self.normalization["scheme"] == "ct":
             lo, hi = self.normalization["clip"]
             std = float(self.normalization["std"])
-            return ((np.clip(a, lo, hi) - float(self.normalization["mean"])) / (std if std > 0 else 1.0)).astype(
-                np.float32)
+            mean = float(self.normalization["mean"])
+            return ((np.clip(a, lo, hi) - mean) / (std if std > 0 else 1.0)).astype(np.float32)
         mean, std = float(a.mean()), float(a.std())
         return (a - mean) / (std if std > 0 else 1.0)
 
@@ -180,7 +182,8 @@ def make_plan(fingerprint: dict[str, Any], anisotropy: float = ANISOTROPY) -> Pl
     w = 2 if 2 in ties else ties[-1]
     others = [a for a in range(3) if a != w]
     med_size = np.median(shp * sp / target, axis=0)
-    aniso = bool(target[w] > anisotropy * target[others].min() and med_size[w] * anisotropy < med_size[others].min())
+    aniso = bool(target[w] > anisotropy * target[others].min()
+                 and med_size[w] * anisotropy < med_size[others].min())
     if aniso:
         t = float(np.percentile(sp[:, w], 10))
         target[w] = max(t, float(target[others].max()) + 1e-5)
@@ -194,7 +197,8 @@ def make_plan(fingerprint: dict[str, Any], anisotropy: float = ANISOTROPY) -> Pl
     else:
         norm = {"scheme": "per_volume"}
     return Plan(fingerprint["modality"], tuple(float(t) for t in target), w, norm,  # type: ignore[arg-type]
-                tuple(int(round(m)) for m in median_shape), aniso, digest(fingerprint))  # type: ignore[arg-type]
+                tuple(int(round(m)) for m in median_shape), aniso,  # type: ignore[arg-type]
+                digest(fingerprint))
 
 
 # ------------------------------------------------------------------------------ the 3D network's path
@@ -215,7 +219,8 @@ def prepare_image(plan: Plan, volume: Volume, factor: Sequence[float] = (1.0, 1.
 def prepare_label(label: np.ndarray, geo: CaseGeometry) -> np.ndarray:
     """A label map (source grid) on the working grid: reoriented (exact), nearest-neighbour resampled."""
     t = torch.from_numpy(np.ascontiguousarray(geo.amap.apply(np.asarray(label))).astype(np.int64))
-    return resize_label(t, geo.working_shape).numpy().astype(np.uint8 if label.max(initial=0) < 256 else np.uint16)
+    dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
+    return resize_label(t, geo.working_shape).numpy().astype(dtype)
 
 
 def restore(probs: torch.Tensor, geo: CaseGeometry) -> torch.Tensor:

@@ -88,7 +88,7 @@ class AxisMap:
         return np.flip(t, axis=dims) if isinstance(t, np.ndarray) else torch.flip(t, dims=dims)
 
     def invert(self, a: A) -> A:
-        """Bring an array in the mapped axis order back to the source order (exact inverse of :meth:`apply`)."""
+        """Bring a mapped array back to the source axis order (the exact inverse of :meth:`apply`)."""
         if self.identity:
             return a
         lead = a.ndim - 3
@@ -118,7 +118,8 @@ class AxisMap:
         origin = np.asarray(v.origin, float) + d @ (np.asarray(v.spacing, float) * np.asarray(corner, float))
         cols = [d[:, p] * (-1.0 if self.flip[k] else 1.0) for k, p in enumerate(self.perm)]
         nd = np.stack(cols, axis=1)
-        return Volume(np.ascontiguousarray(self.apply(v.array)), self.shape(v.spacing),  # type: ignore[arg-type]
+        return Volume(np.ascontiguousarray(self.apply(v.array)),
+                      self.shape(v.spacing),  # type: ignore[arg-type]
                       tuple(float(x) for x in origin), tuple(float(x) for x in nd.reshape(-1)))
 
     def to_dict(self) -> dict:
