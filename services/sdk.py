@@ -172,7 +172,7 @@ class Client:
         return self.stub.GetDataset(gateway_pb2.GetDatasetRequest(dataset_id=dataset_id), **self._kw())
 
     # ---- runs ----
-    def submit_run(self, dataset_id: str, *, profile: str = "tiny", ssl_method: str = "mt",
+    def submit_run(self, dataset_id: str, *, profile: str = "", ssl_method: str = "mt",
                    labeled: Sequence[str] = (), unlabeled: Sequence[str] = (),
                    overrides: dict[str, dict[str, Any]] | None = None, name: str = "",
                    request_id: str | None = None) -> gateway_pb2.Run:

@@ -3,7 +3,8 @@
 Import the fixtures into a test module (``from tests.servers import redis_server, s3_server  # noqa: F401``)
 or use the context managers directly. Everything binds 127.0.0.1 only.
 
-- ``redis_server``: ``redis-server --save "" --appendonly no`` (session scope) -> ``RedisServer`` (``.url``).
+- ``redis_server``: ``redis-server --save "" --appendonly no`` (session scope) -> ``RedisServer`` (``.url``);
+  ``run_redis(dir, aof=True, port=...)`` for a persistent one that can be restarted.
 - ``s3_server``: nanio (a real S3 server that checks SigV4 signatures, data on disk) (session scope) ->
   ``S3Server`` (``.endpoint``, ``.access_key``, ``.secret_key``, ``.env(bucket)``).
 - ``start_service(module, env, ...)``: ``python -m services.<x> --port N`` as a subprocess, waits until its
@@ -91,16 +92,19 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def run_redis(tmp: Path) -> Iterator[RedisServer]:
+def run_redis(tmp: Path, *, aof: bool = False, port: int | None = None) -> Iterator[RedisServer]:
+    """redis-server in ``tmp``; ``aof=True``: with an append-only file (``--appendfsync always``) like compose's
+    Redis, so a restart on the same ``port`` and folder comes back with the data."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server not installed (scripts/setup.sh --services installs it)")
-    port = free_port()
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "redis.log"
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+    persist = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persist,
                              "--dir", str(tmp), "--protected-mode", "yes"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
     try:
         srv = RedisServer(port, proc, tmp)
         wait_for(lambda: srv.client().ping(), 10, "redis-server", proc, log)

@@ -159,11 +159,14 @@ def page(items: list, page_size: int, token: str) -> tuple[list, str]:
 
 class Runs:
     def __init__(self, store: S3Store, jobs: JobStore, datasets: Datasets,
-                 enqueue: Callable[[str, str, float], None]) -> None:
+                 enqueue: Callable[[str, str, float], None], default_profile: str = "lite") -> None:
+        if default_profile not in PROFILES:
+            raise InputError(f"CFRSEG_DEFAULT_PROFILE={default_profile!r}: choose one of {list(PROFILES)}")
         self.store = store
         self.jobs = jobs
         self.datasets = datasets
         self.enqueue = enqueue
+        self.default_profile = default_profile  # a run without a profile gets it (tiny only when asked for)
 
     def get(self, run_id: str) -> Record:
         try:
@@ -199,7 +202,7 @@ class Runs:
         manifest = self.datasets.manifest(req.dataset_id)
         if len(req.name) > 128:
             raise InputError("run name must be at most 128 characters")
-        profile = req.profile or "tiny"
+        profile = req.profile or self.default_profile
         ssl_method = req.ssl_method or "mt"
         configs = resolve_configs(profile, ssl_method, req.config_overrides_json)
         labeled = _select(req.labeled_case_ids, [c.case_id for c in manifest.labeled], "labeled", manifest)

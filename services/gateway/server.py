@@ -43,7 +43,7 @@ def build(settings: Settings) -> tuple[Server, GatewayServicer]:
     def kick(run_id: str, token: str, countdown: float) -> None:
         enqueue(run_id, token, countdown)
 
-    runs = Runs(store, jobs, datasets, kick)
+    runs = Runs(store, jobs, datasets, kick, default_profile=settings.default_profile)
     retrain_addr = settings.addrs.get("retrain", "")
     if not retrain_addr:
         raise SystemExit("set CFRSEG_RETRAIN_ADDR (the retrain service, for Segment)")
