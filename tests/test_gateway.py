@@ -115,7 +115,7 @@ def test_segment_a_file_streams_the_label_back(client, done_run, data, tmp_path)
 
 def test_watch_reports_stage_progress(client, data):
     ds = client.create_dataset(data, labeled=1, name="watch")
-    run = client.submit_run(ds.dataset_id)
+    run = client.submit_run(ds.dataset_id, profile="tiny")
     events = list(client.watch_run(run.run_id, timeout=120))
     stages = [e.progress.stage for e in events]
     assert stages[0] == "finetune" and "retrain" in stages
@@ -126,6 +126,7 @@ def test_watch_reports_stage_progress(client, data):
 def test_cancel_a_running_run(client, data):
     ds = client.create_dataset(data, labeled=2, name="cancel")
     run = client.submit_run(ds.dataset_id)
+    assert run.profile == "lite"  # the server's default profile; a tiny run is only ever explicit
     r = client.cancel_run(run.run_id)
     assert state_name(r.state) in ("CANCELLING", "CANCELLED")
     final = client.wait_run(run.run_id, timeout=60)
