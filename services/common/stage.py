@@ -191,9 +191,10 @@ class StageServicer:
 
     # ---- health checks (registered with server.monitor by stage_main) ----
     def device_check(self) -> str | None:
-        """None when the configured device is usable (re-checked every round for a GPU)."""
+        """None when the configured device is usable (re-checked every round for a GPU, except while a job of
+        this service runs on it: the job proves it works, and a test allocation could fail on a full GPU)."""
         idx = cuda_index(self.device)
-        if idx is not None:
+        if idx is not None and self._busy is None:
             self._device_problem = check_cuda(idx)
         return self._device_problem
 
