@@ -25,6 +25,7 @@ from services.common.server import channel
 from services.gen.cfrseg.v1.common_pb2 import ObjectRef, StartStageRequest
 from services.gen.cfrseg.v1.finetune_pb2_grpc import FinetuneServiceStub
 from services.sdk import Client, state_name
+from tests.servers import run_redis
 from tests.stack_helpers import cleanup, dump_logs, make_dataset, start_stack, wait_until
 from tests.test_orchestrator_faults import executions, finish, stage_step
 
@@ -113,9 +114,13 @@ def test_redis_restarted_from_an_old_aof_loses_no_cancel_and_reruns_no_stage(cli
         stack.kill(name)
     shutil.rmtree(aof)
     shutil.copytree(snap, aof)
+    # what Redis comes back with really is old (read from a copy: the restarted one is repaired on first read)
+    shutil.copytree(snap, tmp_path / "verify" / "appendonlydir")
+    with run_redis(tmp_path / "verify", aof=True) as probe:
+        raw = probe.client().get(f"cfrseg:rec:runs/{c.run_id}/record.json")
+        old = json.loads(raw) if raw else {}
+    assert old and old["state"] not in ("CANCELLING", "CANCELLED") and not old["cancel_requested"]
     stack.start("redis")
-    old = redis_record(stack, c.run_id)
-    assert old and old["state"] not in ("CANCELLING", "CANCELLED") and not old["cancel_requested"]  # really old
     for name in ("finetune", "pseudolabel", "retrain"):
         stack.start(name)
     r = finish(client, stack, g.run_id, timeout=300)
