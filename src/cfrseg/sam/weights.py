@@ -216,14 +216,23 @@ def check_cmd(names: list[str], cache_dir: str | Path | None = None, out=None) -
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
-    """The arguments of ``cfrseg weights`` / ``python -m cfrseg.sam.weights``."""
-    ap.add_argument("action", choices=["fetch", "path", "check"])
-    ap.add_argument("name", nargs="*", help=f"registry name(s): {', '.join(sorted(WEIGHTS))}")
-    ap.add_argument("--dest", "--cache-dir", dest="dest", default=None,
-                    help="weights folder (default: $CFRSEG_CACHE or ~/.cache/cfrseg/weights); e.g. ./weights, "
-                         "which compose mounts read-only at /weights")
-    ap.add_argument("--file", default=None, help="fetch: a local copy to put in the folder (sha256 checked); "
-                                                 "needed for operator-provided weights (sam_vit_b)")
+    """The subcommands of ``cfrseg weights`` / ``python -m cfrseg.sam.weights``: fetch, path, check."""
+    sub = ap.add_subparsers(dest="action", required=True)
+    names = ", ".join(sorted(WEIGHTS))
+    dest_help = ("weights folder (default: $CFRSEG_CACHE or ~/.cache/cfrseg/weights); e.g. ./weights, which compose "
+                 "mounts read-only at /weights")
+    q = sub.add_parser("fetch", help="put a weight in the folder (lite_medsam: downloaded; sam_vit_b: --file)",
+                       description="Put a weight in the folder, sha256-checked. lite_medsam is downloaded (or copied "
+                                   "from ~/.cache/cfrseg/weights); sam_vit_b is operator-provided: give --file.")
+    q.add_argument("name", nargs=1, help=f"registry name: {names}")
+    q.add_argument("--file", default=None, help="a local copy to put in the folder (sha256 checked); needed for "
+                                                "operator-provided weights (sam_vit_b)")
+    q = sub.add_parser("path", help="print the path of a weight already in the folder (exit 1 if absent)")
+    q.add_argument("name", nargs=1, help=f"registry name: {names}")
+    q = sub.add_parser("check", help="list weights as ok / missing / wrong, with the fix (exit 1 if one is not ok)")
+    q.add_argument("name", nargs="*", help=f"registry names (default: all): {names}")
+    for q in sub.choices.values():
+        q.add_argument("--dest", "--cache-dir", dest="dest", default=None, help=dest_help)
 
 
 def run_args(a: argparse.Namespace) -> int:
@@ -239,7 +248,7 @@ def run_args(a: argparse.Namespace) -> int:
             return 2
         name = a.name[0]
         if a.action == "fetch":
-            print(fetch(name, a.dest, a.file))
+            print(fetch(name, a.dest, getattr(a, "file", None)))
             return 0
         p = cached_path(name, a.dest)
         if p is None:
