@@ -33,7 +33,7 @@ Triple = tuple[int, int, int]
 MODEL_FILE = "model.pt"
 DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore"}
 NORMALIZE = ("zscore", "none")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")   # auto: bf16 where native (cfrseg.stages.precision.bf16_native)
 _ARTIFACT_KEYS = (
     "network",
     "network_kwargs",
@@ -171,7 +171,8 @@ def sliding_window(
     about 1.3-1.5x faster on CPU; the numbers agree with the default layout to float rounding (~1e-7).
     ``fold_bn`` (default on) folds BatchNorm into the preceding convolutions of networks that declare
     ``bn_foldable`` (:func:`cfrseg.models.fuse.fold_batchnorm`; same numbers to float rounding).
-    ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32).
+    ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32); ``"auto"``
+    does so only where bf16 is native (:func:`cfrseg.stages.precision.bf16_native`), else fp32.
     """
     if len(patch) != 3 or len(stride) != 3 or min(*patch, *stride) < 1:
         raise InputError(
@@ -217,7 +218,9 @@ def sliding_window(
         net = (copy.deepcopy(net) if net is model else net).to(memory_format=torch.channels_last_3d)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     try:
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        from cfrseg.stages.precision import resolve_precision
+
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, dev) == "bf16")
         with torch.inference_mode(), amp:
             for i in range(0, len(corners), batch_size):
                 chunk = corners[i : i + batch_size]

@@ -98,6 +98,8 @@ class RetrainConfig(ConfigBase):
     device: str = "auto"
     infer: dict[str, Any] = field(default_factory=dict)  # InferConfig fields for evaluation / segmentation
     num_workers: int = 0                         # threads cutting crops (0 = in the training thread)
+    precision: str = "fp32"                      # fp32 | bf16: autocast of the student and teacher forward
+                                                 # passes (fp32 weights; cfrseg.stages.precision)
 
     def __post_init__(self) -> None:
         z = self.zoom
@@ -159,6 +161,15 @@ class RetrainConfig(ConfigBase):
         require(isinstance(self.device, str) and bool(self.device), f"{p}.device must be 'auto', 'cpu', 'cuda'...")
         require(isinstance(self.infer, dict), f"{p}.infer must be a dict of InferConfig fields")
         _int(self.num_workers, f"{p}.num_workers", 0)
+        from cfrseg.stages.precision import PRECISIONS
+
+        require(self.precision in PRECISIONS, f"{p}.precision must be one of {list(PRECISIONS)}, "
+                f"got {self.precision!r}")
+        # oneDNN's bf16 weight gradient of a 3x3x3 convolution is garbage when the input is 2 voxels wide in x
+        # and y (seen with torch 2.14 / oneDNN 3.12 on AVX-512 CPUs): the V-Net's deepest level is patch / 16
+        require(self.precision != "bf16" or all(v >= 48 for v in self.patch[:2]),
+                f"{p}.precision 'bf16' needs patch x and y >= 48 (the network's deepest level >= 3 voxels; "
+                f"smaller levels hit a oneDNN bf16 weight-gradient bug), got {self.patch!r}")
         for name in ("resume", "augment", "consistency_on_labeled"):
             require(isinstance(getattr(self, name), bool), f"{p}.{name} must be true or false")
 
@@ -353,6 +364,8 @@ def make_teacher_fn(teacher: nn.Module, cfg: RetrainConfig):
     """The EMA teacher as a function: eval mode (running BN stats), optional input noise
     clamp(N(0, noise^2), +-clip), optional dropout (``stochastic``, for UA-MT), never builds a graph."""
 
+    from cfrseg.stages.precision import autocast
+
     def teacher_fn(x: torch.Tensor, noise: bool = True, stochastic: bool = False) -> torch.Tensor:
         with torch.no_grad():
             if noise and cfg.teacher_noise > 0:
@@ -362,7 +375,8 @@ def make_teacher_fn(teacher: nn.Module, cfg: RetrainConfig):
             if stochastic:
                 _set_dropout(teacher, True)
             try:
-                return _logits(teacher(x))
+                with autocast(x.device, cfg.precision):
+                    return _logits(teacher(x)).float()
             finally:
                 if stochastic:
                     _set_dropout(teacher, False)
@@ -580,7 +594,11 @@ def _train_step(cfg: RetrainConfig, method: SSLMethod, student: nn.Module, teach
     x = torch.cat([b["image_l"], b["image_u"]]) if "image_u" in b else b["image_l"]
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    out = _logits(student(x))
+    from cfrseg.stages.precision import autocast
+
+    with autocast(x.device, cfg.precision):   # bf16: forward in bfloat16, backward follows; fp32 weights
+        out = _logits(student(x))
+    out = out.float()                         # losses in float32
     out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
     terms = method.loss(out_l, out_u, teacher_fn, b, step)
     loss = terms["loss"]
