@@ -62,6 +62,8 @@ class PseudolabelConfig(ConfigBase):
     calibration_voxels: int = 200_000         # prior: voxels sampled per calibration volume
     calibration_min_labeled: int = 2          # prior: with fewer labeled volumes, keep the argmax (a prior from
                                               # one volume is unreliable: LA L=1 lost 0.05 Dice with it)
+    precision: str = "fp32"                   # fp32 | bf16 | auto: bfloat16 autocast of the SAM forward pass
+                                              # (auto: where native, cfrseg.stages.precision)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -79,6 +81,10 @@ class PseudolabelConfig(ConfigBase):
                 f"pseudolabel.calibration_voxels must be >= 1000, got {self.calibration_voxels}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"pseudolabel.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from cfrseg.stages.precision import PRECISIONS_AUTO
+
+        require(self.precision in PRECISIONS_AUTO,
+                f"pseudolabel.precision must be one of {list(PRECISIONS_AUTO)}, got {self.precision!r}")
 
 
 @dataclass
@@ -119,10 +125,14 @@ def predict_volume(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     cancel: CancelFlag | None = None,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Class probabilities (K, X, Y, Z) float32 on ``device`` for a whole volume ``image`` (X, Y, Z) in its own
     grid. Windows of ``spec.crop`` cover the zoomed volume; overlapping predictions (in-plane overlap, shared
-    slices between slice groups, TTA orientations) are averaged."""
+    slices between slice groups, TTA orientations) are averaged. ``precision`` ("fp32", "bf16", "auto"): the SAM
+    forward pass under bfloat16 autocast (probabilities accumulated in float32)."""
+    from cfrseg.stages.precision import autocast
+
     device = torch.device(device)
     pv = prepare_volume(image, None, spec, num_classes, device)
     layout = spec.layout()
@@ -139,7 +149,9 @@ def predict_volume(
             wins = [crop_padded(vol, s, spec.crop) for s in chunk]
             x = torch.stack([torch.where(ins, w, torch.zeros((), device=device)) for w, ins in wins])
             mosaic = concat.to_mosaic(x, layout)[:, None].expand(-1, 3, -1, -1)
-            prob = torch.softmax(sam(mosaic).float(), dim=1)                  # (B, K, S, S)
+            with autocast(device, precision):
+                logits = sam(mosaic)
+            prob = torch.softmax(logits.float(), dim=1)                      # (B, K, S, S)
             back = concat.from_mosaic(prob, layout)                          # (B, K, cx, cy, cz)
             for s, p in zip(chunk, back):
                 src, dst = [], []
@@ -213,7 +225,8 @@ def _predict(config: PseudolabelConfig, model: tuple, image: np.ndarray, num_cla
              device: torch.device, cancel: CancelFlag | None) -> torch.Tensor:
     sam, spec, _ = model
     return predict_volume(sam, spec, image, num_classes, tta=config.tta, tta_count=config.tta_count,
-                          overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel)
+                          overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel,
+                          precision=config.precision)
 
 
 def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], model: tuple, device: torch.device,
