@@ -67,6 +67,17 @@ def resolved_profile(profile: str, sets: list[str], seed: int) -> dict[str, Any]
     return json.loads(json.dumps(prof))
 
 
+def platform_info() -> dict[str, Any]:
+    """What the numbers depend on besides the code: torch version, GPU (what device "auto" picks), and
+    whether this CPU runs bfloat16 natively."""
+    import torch
+
+    from cfrseg.stages.precision import cpu_bf16_native
+
+    return {"torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_bf16_native": cpu_bf16_native()}
+
+
 def make_spec(args: argparse.Namespace, L: str, method: str, seed: int, split: str,
               code: dict[str, Any], ids: list[str], list_sha: str) -> dict[str, Any]:
     pool = protocol.split_ids(ids)["pool"]
@@ -75,7 +86,7 @@ def make_spec(args: argparse.Namespace, L: str, method: str, seed: int, split: s
     return {"bench": "quality_la", "profile": args.profile, "resolved": resolved_profile(args.profile, args.set, seed),
             "overrides": list(args.set), "seed": seed, "L": n, "ceiling": n == len(pool), "method": method,
             "split": split, "split_ids": r["test"], "labeled_ids": r["labeled"], "unlabeled_ids": r["unlabeled"],
-            "data_list_sha256": list_sha, "code": code, "threads": args.threads}
+            "data_list_sha256": list_sha, "code": code, "platform": platform_info(), "threads": args.threads}
 
 
 # ------------------------------------------------------------------------------------------ one run (child)

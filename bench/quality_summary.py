@@ -59,7 +59,8 @@ def setting_of(rec: Mapping[str, Any]) -> str:
     code = s.get("code", {})
     tag = (code.get("commit") or "?")[:10] + ("+dirty:" + (code.get("diff_sha256") or "?")[:8]
                                                if code.get("dirty") else "")
-    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": tag})
+    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": tag,
+                      "platform": s.get("platform")})
 
 
 def label_L(rec: Mapping[str, Any]) -> str:
@@ -129,6 +130,13 @@ def paired(records: list[Mapping[str, Any]], a: str = "CFR_MT", b: str = "MT",
     return out
 
 
+def _platform(p: Mapping[str, Any] | None) -> str:
+    if not p:
+        return ""
+    where = f"GPU {p['cuda']}" if p.get("cuda") else "CPU"
+    return f"; torch {p.get('torch')}, {where}, native bf16 CPU: {'yes' if p.get('cpu_bf16_native') else 'no'}"
+
+
 def _pm(ms: tuple[float, float]) -> str:
     m, s = ms
     if math.isnan(m):
@@ -155,7 +163,7 @@ def to_markdown(records: list[Mapping[str, Any]], split: str, pairs: Iterable[tu
         code = s.get("code", {})
         lines += [(f"Split `{split}` ({len(s['split_ids'])} cases); profile `{s['profile']}`, overrides "
                   f"`{' '.join(s['overrides']) or 'none'}`; code {(code.get('commit') or '?')[:10]}"
-                  f"{' (dirty)' if code.get('dirty') else ''}."), "",
+                  f"{' (dirty)' if code.get('dirty') else ''}{_platform(s.get('platform'))}."), "",
                   "| L | model | seeds | Dice | Jaccard | ASD (mm) | HD95 (mm) | wall (min) | CPU (min) | peak RSS (GB) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in aggregate(rs):

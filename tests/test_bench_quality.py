@@ -66,7 +66,7 @@ def _spec(**kw):
          "overrides": [], "seed": 0, "L": 4, "ceiling": False, "method": "mt", "split": "val",
          "split_ids": IDS[64:80], "labeled_ids": IDS[:4], "unlabeled_ids": IDS[4:48],
          "data_list_sha256": "0" * 64, "code": {"commit": "abc", "dirty": False, "diff_sha256": None},
-         "threads": 2}
+         "platform": {"torch": "2.14.1", "cuda": None, "cpu_bf16_native": False}, "threads": 2}
     s.update(kw)
     return s
 
@@ -83,7 +83,8 @@ def test_key_covers_every_field_and_train_key_ignores_evaluation_fields():
     base = _spec()
     changed = [_spec(seed=1), _spec(overrides=["retrain.iterations=5"]), _spec(split="test", split_ids=IDS[48:64]),
                _spec(code={"commit": "abc", "dirty": True, "diff_sha256": "f"}), _spec(threads=1),
-               _spec(resolved={"retrain": {"seed": 0, "iterations": 600}}), _spec(L=16), _spec(method="acmt")]
+               _spec(resolved={"retrain": {"seed": 0, "iterations": 600}}), _spec(L=16), _spec(method="acmt"),
+               _spec(platform={"torch": "2.14.1", "cuda": "H200", "cpu_bf16_native": True})]
     keys = {rr.key_of(s) for s in [base, *changed]}
     assert len(keys) == len(changed) + 1
     assert rr.train_key(base) == rr.train_key(_spec(split="test", split_ids=IDS[48:64], threads=1))
@@ -190,6 +191,10 @@ def test_markdown_groups_by_setting_and_split():
     assert "0.1230" not in md                              # test records never leak into a val table
     assert "| 4 | 1 | 16 | +0.0500 | 16 / 0 / 0 |" in md
     assert md.count("Split `val`") == 2 and "overrides `retrain.iterations=600`" in md
+    gpu = _rec("MT", 0, [0.3] * 16)
+    gpu["spec"]["platform"] = {"torch": "2.11.0", "cuda": "H200", "cpu_bf16_native": True}
+    md = qs.to_markdown(recs + [gpu], "val")
+    assert md.count("Split `val`") == 2 and "GPU H200" in md and "| 4 | MT | 1 | 0.3000 |" in md
 
 
 # -------------------------------------------------------------------------------------------------- driver
