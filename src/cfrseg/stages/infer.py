@@ -56,8 +56,9 @@ class InferConfig(ConfigBase):
     gaussian: bool = False
     largest_component: bool = False
     device: str = "auto"
-    precision: str = "fp32"   # fp32 | bf16 (autocast; ~2.2x faster than fp32 on AVX512-BF16 CPUs, argmax agrees at
-                              # Dice ~0.998 rather than 1.0: bench/infer_speed.py --bf16)
+    precision: str = "fp32"   # fp32 | bf16 | auto (bf16 where native: cfrseg.stages.precision). bf16 is 1.4-3x faster
+                              # on AVX512-BF16/AMX CPUs, slower without them; with a trained lite model its labels
+                              # agree with fp32 at Dice ~0.995, not 0.999, so fp32 stays the default (docs/results.md)
 
     def validate(self) -> None:
         for name in ("patch", "stride"):
