@@ -259,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True)
     p.add_argument("--profile", default="", help="lite | paper | tiny (default: the server's, lite; tiny is a "
                                                "random toy for smoke tests)")
-    p.add_argument("--ssl", default="mt", help="none | mt | st | uamt | acmt (default mt)")
+    p.add_argument("--ssl", default="mt", help="none | mt | st | uamt | acmt | magicnet (default mt)")
     p.add_argument("--labeled", default="", help="comma-separated labeled case ids (default all)")
     p.add_argument("--unlabeled", default="", help="comma-separated unlabeled case ids (default all)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")

@@ -53,7 +53,12 @@ def _first_last(history, key, n=8):
 
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("bad, match", [
-    ({"ssl": "magicnet"}, "ssl must be one of"),
+    ({"ssl": "fixmatch"}, "ssl must be one of"),
+    ({"ssl": "magicnet", "network": "vnet_magic"}, "must be a V-Net"),
+    ({"ssl": "magicnet", "magic_grid": (2, 2, 2)}, "multiples of 16"),          # 16 / 2 = 8
+    ({"ssl": "magicnet", "magic_grid": (1, 1, 1)}, "at least 2 cubes"),
+    ({"ssl": "magicnet", "magic_transposed_recovery": True}, "equal x and z"),  # auto grid (2, 2, 1)
+    ({"ssl": "magicnet", "magic_blend_window": 0}, "magic_blend_window"),
     ({"iterations": 0}, "iterations must be an integer >= 1"),
     ({"patch": (30, 32, 16)}, "multiples of 16"),
     ({"zoom": (0.5, 0.5)}, "zoom"),

@@ -33,7 +33,7 @@ from services.orchestrator.records import (
 )
 
 SECTIONS = ("data", "finetune", "pseudolabel", "retrain", "infer", "pipeline")
-SSL_METHODS = ("none", "mt", "st", "uamt", "acmt")
+SSL_METHODS = ("none", "mt", "st", "uamt", "acmt", "magicnet")  # = cfrseg.ssl.methods.METHODS (tested)
 DEFAULT_PAGE = 50
 
 

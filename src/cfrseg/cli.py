@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from cfrseg.errors import CfrsegError
 
-SSL_METHODS = ("none", "mt", "st", "uamt", "acmt")
+SSL_METHODS = ("none", "mt", "st", "uamt", "acmt", "magicnet")  # = cfrseg.ssl.methods.METHODS (tested)
 
 
 def _add_data_args(p: argparse.ArgumentParser, labeled_required: bool = True) -> None:

@@ -44,6 +44,7 @@ LR_SCHEDULES = ("step", "poly", "constant")
 PL_RAMPS = ("none", "sigmoid")
 # fields that may change between a run and its resumption (they do not change what is trained)
 OPERATIONAL = ("resume", "checkpoint_interval_s", "device", "num_workers", "evaluate", "infer")
+MAGIC_BASES = ("vnet", "tiny")   # networks ssl='magicnet' can extend with its cube-location head
 
 
 def _default_net_kwargs() -> dict[str, Any]:
@@ -58,7 +59,7 @@ class RetrainConfig(ConfigBase):
     network: str = "vnet"
     network_kwargs: dict[str, Any] = field(default_factory=_default_net_kwargs)
     # method
-    ssl: str = "mt"                              # none | mt | st | uamt | acmt
+    ssl: str = "mt"                              # none | mt | st | uamt | acmt | magicnet
     iterations: int = 6000
     batch_labeled: int = 2
     batch_unlabeled: int = 2
@@ -83,6 +84,14 @@ class RetrainConfig(ConfigBase):
     uamt_T: int = 8
     uamt_threshold: tuple[float, float] = (0.75, 1.0)     # x ln(C), ramped over the run
     acmt_threshold: tuple[float, float] = (0.75, 0.95)    # normalised student entropy, ramped over the run
+    # MagicNet (ssl = "magicnet", docs/retrain.md): the configured V-Net gets the cube-location head
+    magic_grid: tuple[int, int, int] | None = None   # cubes per axis of the patch; None = auto (side closest to 32)
+    magic_fc_hidden: int = 4096                  # width of the location MLP (official 4096)
+    magic_loc_weight: float = 0.1
+    magic_blend_start: int = 100                 # iterations before cube-wise pseudo-label blending starts
+    magic_blend_window: int = 20                 # class distribution refreshed every this many iterations
+    magic_blend_T: float = 1.0
+    magic_transposed_recovery: bool = False      # reproduce the official x<->z cube recovery quirk (comparison only)
     # CFR pseudo-label term (Eq. 7)
     pl_weight: float = 1.0
     pl_ramp: str = "none"                        # none | sigmoid
@@ -170,8 +179,49 @@ class RetrainConfig(ConfigBase):
         require(self.precision != "bf16" or all(v >= 48 for v in self.patch[:2]),
                 f"{p}.precision 'bf16' needs patch x and y >= 48 (the network's deepest level >= 3 voxels; "
                 f"smaller levels hit a oneDNN bf16 weight-gradient bug), got {self.patch!r}")
-        for name in ("resume", "augment", "consistency_on_labeled"):
+        for name in ("resume", "augment", "consistency_on_labeled", "magic_transposed_recovery"):
             require(isinstance(getattr(self, name), bool), f"{p}.{name} must be true or false")
+        if self.ssl == "magicnet":
+            self._validate_magic(p)
+
+    def _validate_magic(self, p: str) -> None:
+        from cfrseg.models.magic import cube_shape
+
+        require(self.network in MAGIC_BASES, f"{p}.network must be a V-Net ({list(MAGIC_BASES)}) for ssl='magicnet' "
+                f"(MagicNet adds its cube-location head to it), got {self.network!r}")
+        g = self.magic_grid
+        require(g is None or (isinstance(g, tuple) and len(g) == 3
+                              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g)),
+                f"{p}.magic_grid must be null (auto) or three positive integers, got {g!r}")
+        grid = self.cube_grid()
+        cube = cube_shape(self.patch, grid)
+        require(grid[0] * grid[1] * grid[2] >= 2, f"{p}.magic_grid {grid} must hold at least 2 cubes")
+        if self.magic_transposed_recovery:
+            require(grid[0] == grid[2] and cube[0] == cube[2],
+                    f"{p}.magic_transposed_recovery needs equal x and z grids and cube sides, got grid {grid}")
+        _int(self.magic_fc_hidden, f"{p}.magic_fc_hidden", 1)
+        _nonneg(self.magic_loc_weight, f"{p}.magic_loc_weight")
+        _int(self.magic_blend_start, f"{p}.magic_blend_start", 0)
+        _int(self.magic_blend_window, f"{p}.magic_blend_window", 1)
+        _pos(self.magic_blend_T, f"{p}.magic_blend_T")
+
+    def cube_grid(self) -> tuple[int, int, int]:
+        """MagicNet's cube grid: ``magic_grid``, or the automatic one for ``patch``."""
+        from cfrseg.ssl.cubes import auto_grid
+
+        return self.magic_grid if self.magic_grid is not None else auto_grid(self.patch)
+
+    def training_network(self) -> tuple[str, dict[str, Any]]:
+        """(registry name, options) of the network trained: the configured one, or for ssl='magicnet' that
+        V-Net with the cube-location head (``vnet_magic``). ``model.pt`` keeps the configured network."""
+        if self.ssl != "magicnet":
+            return self.network, dict(self.network_kwargs)
+        kw = dict(self.network_kwargs)
+        if self.network == "tiny":
+            kw.setdefault("n_filters", 2)
+        kw.setdefault("normalization", "batchnorm")   # the configured V-Net's default, not VNetMagic's
+        kw.update(patch=list(self.patch), grid=list(self.cube_grid()), fc_hidden=self.magic_fc_hidden)
+        return "vnet_magic", kw
 
     def infer_config(self) -> Any:
         """The :class:`cfrseg.stages.infer.InferConfig` for evaluation: ``infer`` overrides on top of
@@ -191,7 +241,11 @@ class RetrainConfig(ConfigBase):
             consistency_rampup=self.consistency_rampup, consistency_on_labeled=self.consistency_on_labeled,
             pl_weight=self.pl_weight, pl_ramp=self.pl_ramp, pl_rampup=self.pl_rampup,
             st_threshold=self.st_threshold, uamt_T=self.uamt_T, uamt_threshold=self.uamt_threshold,
-            acmt_threshold=self.acmt_threshold)
+            acmt_threshold=self.acmt_threshold,
+            magic_grid=self.cube_grid() if self.ssl == "magicnet" else (1, 1, 1),
+            magic_loc_weight=self.magic_loc_weight, magic_blend_start=self.magic_blend_start,
+            magic_blend_window=self.magic_blend_window, magic_blend_T=self.magic_blend_T,
+            magic_transposed_recovery=self.magic_transposed_recovery)
 
 
 def _int(v: Any, name: str, lo: int) -> None:
@@ -443,6 +497,10 @@ def _save_artifacts(cfg: RetrainConfig, num_classes: int, student: Mapping[str, 
                     teacher: Mapping[str, torch.Tensor], history: list[dict[str, float]], store: Store) -> None:
     from cfrseg.stages.infer import save_model
 
+    if cfg.ssl == "magicnet":   # model.pt keeps the configured V-Net; the location head only serves training
+        from cfrseg.models.magic import backbone_state
+
+        student, teacher = backbone_state(dict(student)), backbone_state(dict(teacher))
     buf = io.BytesIO()
     save_model(buf, network=cfg.network, num_classes=num_classes, student=student, teacher=teacher,
                evaluate=cfg.evaluate, network_kwargs=cfg.network_kwargs, preprocess=cfg.preprocess(),
@@ -524,7 +582,8 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
 
     from cfrseg.models.registry import build_network
 
-    student = build_network(cfg.network, 1, data.num_classes, **cfg.network_kwargs).to(device)
+    net_name, net_kwargs = cfg.training_network()
+    student = build_network(net_name, 1, data.num_classes, **net_kwargs).to(device)
     if device.type == "cpu":  # oneDNN's 3D convolutions are ~1.5x faster in this layout (same numbers)
         student = student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student)
@@ -541,6 +600,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
         opt.load_state_dict(ckpt["optimizer"])
         batches.sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"])
+        method.load_state_dict(ckpt.get("method", {}))
         history = list(ckpt["history"])
         it, elapsed0 = int(ckpt["iteration"]), float(ckpt.get("elapsed_s", 0.0))
         if it > cfg.iterations:
@@ -553,6 +613,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *,
                "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, max(it - 1, 0))},
                "sampler": batches.sampler.state_dict(), "rng": _rng_state(), "history": history,
+               "method": method.state_dict(),
                "elapsed_s": elapsed0 + time.monotonic() - t0, "labeled_ids": td.labeled_ids,
                "unlabeled_ids": td.unlabeled_ids}
         store.put_bytes(CHECKPOINT, ckpt_io.dumps(obj))
@@ -596,11 +657,15 @@ def _train_step(cfg: RetrainConfig, method: SSLMethod, student: nn.Module, teach
         x = x.contiguous(memory_format=torch.channels_last_3d)
     from cfrseg.stages.precision import autocast
 
-    with autocast(x.device, cfg.precision):   # bf16: forward in bfloat16, backward follows; fp32 weights
-        out = _logits(student(x))
-    out = out.float()                         # losses in float32
-    out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
-    terms = method.loss(out_l, out_u, teacher_fn, b, step)
+    if method.custom_step:   # the method runs the student itself (in float32 where bf16 is unsafe) and its losses
+        with autocast(x.device, cfg.precision):
+            terms = method.step_loss(student, x, nl, teacher_fn, b, step)
+    else:
+        with autocast(x.device, cfg.precision):   # bf16: forward in bfloat16, backward follows; fp32 weights
+            out = _logits(student(x))
+        out = out.float()                         # losses in float32
+        out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
+        terms = method.loss(out_l, out_u, teacher_fn, b, step)
     loss = terms["loss"]
     if not torch.isfinite(loss):
         raise InputError(f"retrain: the loss became {loss.item()} at iteration {step + 1} "
