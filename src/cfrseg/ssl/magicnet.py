@@ -25,13 +25,59 @@ Differences from the official code are deliberate and listed in docs/retrain.md 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
+from cfrseg.config import require
 from cfrseg.errors import ConfigError
 from cfrseg.ssl.cubes import location_targets, mix, partition, random_perms, recover, unmix
 from cfrseg.ssl.losses import dice_loss
 from cfrseg.ssl.methods import Batch, SSLMethod, SSLParams, TeacherFn
+
+MAGIC_BASES = ("vnet", "tiny")   # networks ssl='magicnet' extends with its cube-location head
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def check_config(cfg: Any, p: str = "retrain") -> None:
+    """ConfigError unless the MagicNet settings of a :class:`cfrseg.stages.retrain.RetrainConfig` fit its
+    network and patch."""
+    from cfrseg.models.magic import cube_shape
+
+    require(cfg.network in MAGIC_BASES, f"{p}.network must be a V-Net ({list(MAGIC_BASES)}) for ssl='magicnet' "
+            f"(MagicNet adds its cube-location head to it), got {cfg.network!r}")
+    g = cfg.magic_grid
+    require(g is None or (isinstance(g, tuple) and len(g) == 3 and all(_is_int(v, 1) for v in g)),
+            f"{p}.magic_grid must be null (auto) or three positive integers, got {g!r}")
+    grid = cfg.cube_grid()
+    cube = cube_shape(cfg.patch, grid)
+    require(grid[0] * grid[1] * grid[2] >= 2, f"{p}.magic_grid {grid} must hold at least 2 cubes")
+    if cfg.magic_transposed_recovery:
+        require(grid[0] == grid[2] and cube[0] == cube[2],
+                f"{p}.magic_transposed_recovery needs equal x and z grids and cube sides, got grid {grid}")
+    require(_is_int(cfg.magic_fc_hidden, 1), f"{p}.magic_fc_hidden must be an integer >= 1")
+    require(_is_int(cfg.magic_blend_start, 0), f"{p}.magic_blend_start must be an integer >= 0")
+    require(_is_int(cfg.magic_blend_window, 1), f"{p}.magic_blend_window must be an integer >= 1")
+    for name, lo_open in (("magic_loc_weight", False), ("magic_blend_T", True)):
+        v = getattr(cfg, name)
+        require(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 if lo_open else v >= 0),
+                f"{p}.{name} must be a number {'> 0' if lo_open else '>= 0'}, got {v!r}")
+
+
+def magic_network(network: str, network_kwargs: Mapping[str, Any], patch: Sequence[int], grid: Sequence[int],
+                  fc_hidden: int) -> tuple[str, dict[str, Any]]:
+    """Registry name and options of the V-Net ``network`` with MagicNet's location head (``vnet_magic``)."""
+    kw = dict(network_kwargs)
+    if network == "tiny":
+        kw.setdefault("n_filters", 2)
+    kw.setdefault("normalization", "batchnorm")   # the configured V-Net's default, not VNetMagic's
+    kw.update(patch=list(patch), grid=list(grid), fc_hidden=fc_hidden)
+    return "vnet_magic", kw
 
 
 def _layout(t: torch.Tensor) -> torch.Tensor:

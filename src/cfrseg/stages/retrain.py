@@ -44,7 +44,6 @@ LR_SCHEDULES = ("step", "poly", "constant")
 PL_RAMPS = ("none", "sigmoid")
 # fields that may change between a run and its resumption (they do not change what is trained)
 OPERATIONAL = ("resume", "checkpoint_interval_s", "device", "num_workers", "evaluate", "infer")
-MAGIC_BASES = ("vnet", "tiny")   # networks ssl='magicnet' can extend with its cube-location head
 
 
 def _default_net_kwargs() -> dict[str, Any]:
@@ -182,28 +181,9 @@ class RetrainConfig(ConfigBase):
         for name in ("resume", "augment", "consistency_on_labeled", "magic_transposed_recovery"):
             require(isinstance(getattr(self, name), bool), f"{p}.{name} must be true or false")
         if self.ssl == "magicnet":
-            self._validate_magic(p)
+            from cfrseg.ssl.magicnet import check_config
 
-    def _validate_magic(self, p: str) -> None:
-        from cfrseg.models.magic import cube_shape
-
-        require(self.network in MAGIC_BASES, f"{p}.network must be a V-Net ({list(MAGIC_BASES)}) for ssl='magicnet' "
-                f"(MagicNet adds its cube-location head to it), got {self.network!r}")
-        g = self.magic_grid
-        require(g is None or (isinstance(g, tuple) and len(g) == 3
-                              and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in g)),
-                f"{p}.magic_grid must be null (auto) or three positive integers, got {g!r}")
-        grid = self.cube_grid()
-        cube = cube_shape(self.patch, grid)
-        require(grid[0] * grid[1] * grid[2] >= 2, f"{p}.magic_grid {grid} must hold at least 2 cubes")
-        if self.magic_transposed_recovery:
-            require(grid[0] == grid[2] and cube[0] == cube[2],
-                    f"{p}.magic_transposed_recovery needs equal x and z grids and cube sides, got grid {grid}")
-        _int(self.magic_fc_hidden, f"{p}.magic_fc_hidden", 1)
-        _nonneg(self.magic_loc_weight, f"{p}.magic_loc_weight")
-        _int(self.magic_blend_start, f"{p}.magic_blend_start", 0)
-        _int(self.magic_blend_window, f"{p}.magic_blend_window", 1)
-        _pos(self.magic_blend_T, f"{p}.magic_blend_T")
+            check_config(self, p)
 
     def cube_grid(self) -> tuple[int, int, int]:
         """MagicNet's cube grid: ``magic_grid``, or the automatic one for ``patch``."""
@@ -216,12 +196,9 @@ class RetrainConfig(ConfigBase):
         V-Net with the cube-location head (``vnet_magic``). ``model.pt`` keeps the configured network."""
         if self.ssl != "magicnet":
             return self.network, dict(self.network_kwargs)
-        kw = dict(self.network_kwargs)
-        if self.network == "tiny":
-            kw.setdefault("n_filters", 2)
-        kw.setdefault("normalization", "batchnorm")   # the configured V-Net's default, not VNetMagic's
-        kw.update(patch=list(self.patch), grid=list(self.cube_grid()), fc_hidden=self.magic_fc_hidden)
-        return "vnet_magic", kw
+        from cfrseg.ssl.magicnet import magic_network
+
+        return magic_network(self.network, self.network_kwargs, self.patch, self.cube_grid(), self.magic_fc_hidden)
 
     def infer_config(self) -> Any:
         """The :class:`cfrseg.stages.infer.InferConfig` for evaluation: ``infer`` overrides on top of
