@@ -66,7 +66,7 @@ class SweepAccumulator:
         if planes <= cap:
             return
         old_acc, old_norm, used = self.acc, self.norm, self.hi - self.lo
-        self._alloc(max(planes, 2 * cap))
+        self._alloc(planes)   # exactly what is needed: the band is the memory this class exists to bound
         self.acc[:, :used] = old_acc[:, :used]
         self.norm[:used] = old_norm[:used]
 

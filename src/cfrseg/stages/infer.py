@@ -180,8 +180,8 @@ def sliding_window(
     ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32); ``"auto"``
     does so only where bf16 is native (:func:`cfrseg.stages.precision.bf16_native`), else fp32.
 
-    Memory: the sums are kept only for the x-planes a window may still touch (:class:`SweepAccumulator`, about
-    patch + stride planes); finished planes are divided by their weights and go to ``sink(x0, planes (K, n, Y,
+    Memory: the sums are kept only for the x-planes a window may still touch (:class:`SweepAccumulator`, one
+    patch of planes); finished planes are divided by their weights and go to ``sink(x0, planes (K, n, Y,
     Z))`` in x order, or, without a sink, into the returned (K, X, Y, Z) tensor (then the result itself is
     K x volume; the sink path, used by :func:`segment_volume`, returns None and never is).
     """
@@ -214,7 +214,7 @@ def sliding_window(
     corners = window_grid(padded, patch, stride)
     weight = gaussian_weights(patch).to(dev) if gaussian else None
 
-    acc = SweepAccumulator(num_classes, padded, axis=0, device=dev, capacity=px + int(stride[0]))
+    acc = SweepAccumulator(num_classes, padded, axis=0, device=dev, capacity=px)
     full = FullSink(size, num_classes, 0, dev) if sink is None else None
     consumer: Sink = sink if sink is not None else full  # type: ignore[assignment]
     (x0, _), (y0, _), (z0, _) = pads
@@ -255,6 +255,7 @@ def sliding_window(
                         f"sliding_window: model gives {out.shape[1]} classes, expected {num_classes}"
                     )
                 for corner, p in zip(chunk, out):
+                    flush(corner[0])   # windows come in x order: planes before this one's start are final
                     acc.add(corner, p, weight)
                 flush(corners[i + batch_size][0] if i + batch_size < len(corners) else padded[0])
     finally:
