@@ -134,6 +134,18 @@ def test_resume_is_bit_exact_with_blending_state(synth4, tmp_path):
     assert art["network"] == "tiny" and not any(k.startswith("location.") for k in art["teacher"])  # ... kept without
 
 
+def test_checkpoints_written_before_the_magic_fields_still_resume():
+    """A saved config without the magic_* fields (older versions) means their defaults."""
+    from cfrseg.stages.retrain import _config_diff
+
+    cfg = _cfg(ssl="mt", iterations=5, magic_blend_start=100, magic_blend_window=20, magic_fc_hidden=4096)
+    old = {k: v for k, v in cfg.to_dict().items() if not k.startswith("magic_")}
+    assert _config_diff(old, cfg) == []
+    assert _config_diff(old, cfg.replace(magic_loc_weight=0.5)) == ["magic_loc_weight"]
+    assert _config_diff(old, _cfg(iterations=5)) == ["magic_blend_start", "magic_blend_window",
+                                                     "magic_fc_hidden", "ssl"]
+
+
 def test_magicnet_learns_on_synthetic_data(synth4, tmp_path):
     run_retrain(_cfg(iterations=24), synth4, LocalStore(tmp_path))
     hist = json.loads((tmp_path / "history.json").read_text())

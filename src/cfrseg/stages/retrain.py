@@ -449,8 +449,11 @@ def _norm(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _config_diff(saved: Mapping[str, Any], cfg: RetrainConfig) -> list[str]:
+    """Training fields that differ; a field the saved config lacks (written before the field existed) counts
+    as its default value, which is what that version trained with."""
     a, b = _norm(_training_fields(saved)), _norm(_training_fields(cfg.to_dict()))
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    base = _norm(_training_fields(RetrainConfig().to_dict()))
+    return sorted(k for k in set(a) | set(b) if a.get(k, base.get(k)) != b.get(k))
 
 
 def load_checkpoint(store: Store) -> dict[str, Any]:
