@@ -705,5 +705,6 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
             write_volume(pred, out_dir / f"{case.case_id}.nii.gz", label=True)
         emit(progress, ProgressEvent("evaluate", i + 1, len(todo), {}, case.case_id))
     summary = summarize(list(results.values()))
-    return {"cases": results, "summary": summary, "table": format_table(summary, cases=results),
+    return {"cases": results, "summary": summary,
+            "table": format_table(summary, class_names=getattr(manifest, "class_names", None), cases=results),
             "evaluate": meta.get("evaluate")}
