@@ -148,7 +148,7 @@ def test_checkpoints_written_before_the_magic_fields_still_resume():
 
 def test_magicnet_learns_on_synthetic_data(synth4, tmp_path):
     run_retrain(_cfg(iterations=24), synth4, LocalStore(tmp_path))
-    hist = json.loads((tmp_path / "history.json").read_text())
+    hist = json.loads((tmp_path / "history.json").read_text(encoding="utf-8"))
     first = sum(h["sup"] for h in hist[:6]) / 6
     last = sum(h["sup"] for h in hist[-6:]) / 6
     assert last < 0.9 * first, (first, last)

@@ -55,7 +55,7 @@ def test_label_mosaic_round_trip_for_many_classes():
 
 def test_pipeline_end_to_end(run):
     k, data, out, res = run
-    rep = json.loads((out / "report.json").read_text())
+    rep = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert "final 3D model on holdout: Dice" in res.summary
     assert rep["dataset"]["num_classes"] == k and rep["retrain"]["ssl"] == "magicnet"
     for key in ("CFR_FT", "final"):
@@ -70,7 +70,7 @@ def test_pipeline_end_to_end(run):
     # the kept model is the plain V-Net (location head dropped), K classes
     net, meta = load_model(out / "retrain", device="cpu")
     assert meta["network"] == "tiny" and meta["num_classes"] == k and not hasattr(net, "locate")
-    md = (out / "report.md").read_text()
+    md = (out / "report.md").read_text(encoding="utf-8")
     assert "## Per class" in md and "mean over classes" in md
     assert f"| class {k - 1} |" in md and f"| class {k} |" not in md
     png = next((out / "overlays").glob("*.png")).read_bytes()
@@ -89,7 +89,7 @@ def test_every_method_retrains_multiclass(run, ssl, with_pl, tmp_path):
                         magic_blend_start=0, magic_blend_window=1, seed=3,
                         infer={"patch": (32, 32, 16), "stride": (16, 16, 16), "batch_size": 4})
     res = run_retrain(cfg, data, LocalStore(tmp_path))
-    hist = json.loads((tmp_path / "history.json").read_text())
+    hist = json.loads((tmp_path / "history.json").read_text(encoding="utf-8"))
     assert res.iterations == 2 and len(hist) == 2
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert ("pl" in hist[-1]) == with_pl, hist[-1]
