@@ -25,6 +25,7 @@ Differences from the official code are deliberate and listed in docs/retrain.md 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -135,27 +136,30 @@ class MagicNet(SSLMethod):
         y = batch["label_l"]
         dev = x.device
 
-        out = net(x)                                                    # 1. plain forward
+        out = net(x).float()                                            # 1. plain forward
         out_l, out_u = out[:nl], out[nl:]
 
         perms = random_perms(b, grid, device=dev)                       # 2. cross-image mix / recover
         _, emb_mix = net.decode(net.encode(_layout(mix(x, perms, grid))))
-        out_unmix = net.head(_layout(unmix(emb_mix, perms, grid)))
+        out_unmix = net.head(_layout(unmix(emb_mix, perms, grid))).float()
 
-        t_u = teacher_fn(x[nl:], noise=True)                            # 3. teacher
+        t_u = teacher_fn(x[nl:], noise=True).float()                    # 3. teacher
 
-        feats = net.encode(_layout(partition(x, grid)))                 # 4. within-image: cubes, location
-        target = location_targets(1, grid, device=dev)
-        loc_terms, hits = [], 0
-        for i in range(b):
-            logits = net.locate(feats[-1][i * n:(i + 1) * n])
-            loc_terms.append(F.cross_entropy(logits, target))
-            hits += int((logits.detach().argmax(1) == target).sum())
-        loc = torch.stack(loc_terms).mean()
-
-        _, emb_cubes = net.decode(feats)                                # 5. within-image recovery
-        emb_within = recover(emb_cubes, grid, transposed=self.p.magic_transposed_recovery)
-        p_within = net.head(_layout(emb_within))
+        # 4-5. within-image: cubes, location, recovery. Cubes narrower than 48 voxels in x or y reach the
+        # network's deepest level at < 3 voxels, where oneDNN's bf16 weight gradient is wrong: run them in fp32
+        small = min(x.shape[2] // grid[0], x.shape[3] // grid[1]) < 48
+        with torch.autocast(dev.type, enabled=False) if small else contextlib.nullcontext():
+            feats = net.encode(_layout(partition(x, grid)))
+            target = location_targets(1, grid, device=dev)
+            loc_terms, hits = [], 0
+            for i in range(b):
+                logits = net.locate(feats[-1][i * n:(i + 1) * n]).float()
+                loc_terms.append(F.cross_entropy(logits, target))
+                hits += int((logits.detach().argmax(1) == target).sum())
+            loc = torch.stack(loc_terms).mean()
+            _, emb_cubes = net.decode(feats)
+            emb_within = recover(emb_cubes, grid, transposed=self.p.magic_transposed_recovery)
+            p_within = net.head(_layout(emb_within)).float()
 
         with torch.no_grad():                                           # 6. cube-wise pseudo-label blending
             pl_t = t_u.argmax(1)
