@@ -240,3 +240,85 @@ def service(module: str, env: dict[str, str], **kw) -> Iterator[ServiceProcess]:
         yield svc
     finally:
         svc.stop()
+
+
+# ---------------------------------------------------------------- Orthanc (the hospital PACS in tests)
+
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@dataclass
+class OrthancServer:
+    """A real Orthanc (Debian package) with its DICOMweb plugin, loopback only. ``aet`` is its AE title."""
+
+    http_port: int
+    dicom_port: int
+    proc: subprocess.Popen
+    dir: Path
+    aet: str = "PACS"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def rest(self, method: str, path: str, body: bytes | dict | list | None = None, timeout: float = 60.0):
+        """One REST call; JSON answers are decoded, others returned as bytes."""
+        import json as _json
+        import urllib.request
+
+        data = _json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            if "json" in r.headers.get("Content-Type", ""):
+                return _json.loads(raw)
+            return raw
+
+    def upload(self, files) -> list[str]:
+        """POST /instances for each file; returns the Orthanc series ids."""
+        series = []
+        for f in files:
+            r = self.rest("POST", "/instances", Path(f).read_bytes())
+            if r["ParentSeries"] not in series:
+                series.append(r["ParentSeries"])
+        return series
+
+    def lookup(self, uid: str) -> list[dict]:
+        return self.rest("POST", "/tools/lookup", uid.encode())
+
+
+@contextlib.contextmanager
+def run_orthanc(tmp: Path, modalities: dict[str, list] | None = None, *, unknown_sop_accepted: bool = False,
+                aet: str = "PACS", extra: dict | None = None) -> Iterator[OrthancServer]:
+    """Start Orthanc on free loopback ports; ``modalities``: DicomModalities (name -> [AET, host, port]);
+    ``extra``: more configuration options."""
+    import json as _json
+
+    exe = shutil.which("Orthanc")
+    if exe is None or not Path(ORTHANC_DICOMWEB).exists():
+        pytest.skip("Orthanc with its DICOMweb plugin not installed (scripts/setup.sh --services)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    http, dicom = free_port(), free_port()
+    cfg = {"Name": "cfrseg-test-pacs", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+           "HttpServerEnabled": True, "HttpPort": http, "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": aet, "DicomPort": dicom,
+           "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": False,
+           "DicomCheckModalityHost": True, "DicomModalities": modalities or {}, "StableAge": 1,
+           "UnknownSopClassAccepted": unknown_sop_accepted, "SynchronousCMove": True, "ConcurrentJobs": 2,
+           "Plugins": [ORTHANC_DICOMWEB],
+           "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                        "Host": f"127.0.0.1:{http}"}, **(extra or {})}
+    (tmp / "orthanc.json").write_text(_json.dumps(cfg))
+    log = tmp / "orthanc.log"
+    proc = subprocess.Popen([exe, str(tmp / "orthanc.json"), f"--logdir={tmp}"], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    srv = OrthancServer(http, dicom, proc, tmp, aet)
+    try:
+        wait_for(lambda: srv.rest("GET", "/system", timeout=1), 20, "Orthanc", proc, log)
+        yield srv
+    finally:
+        _stop(proc)
