@@ -100,7 +100,7 @@ class NodeProcess:
     def run_check(self, config: Path) -> subprocess.CompletedProcess:
         env = {**self.st.service_env("dicomnode"), "CFRSEG_PACS_CONFIG": str(config)}
         return subprocess.run([sys.executable, "-m", "services.pacs", "--check"], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=60, check=False)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -48,6 +48,10 @@ def _ae(calling_ae: str, timeout_s: float) -> Any:
 
 def _associate(ae: Any, node: Any, **kw: Any) -> Any:
     assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, **kw)
+    if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+        classes = sorted({c.abstract_syntax for c in assoc.rejected_contexts})
+        raise RemoteError("destination_rejected", f"{node.name} accepts no presentation context for SOP class "
+                          f"{', '.join(classes)} (e.g. LABELMAP SEG on Orthanc without UnknownSopClassAccepted)")
     if not assoc.is_established:
         how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         raise RemoteError("destination_unreachable", f"association with {node.name} ({node.ae_title}@"

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import tarfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ STATES = ("RECEIVING", "QUEUED", "CHECKING", "SEGMENTING", "ENCODING", "SENDING"
           "FAILED")
 FINAL = frozenset({"DONE", "IGNORED", "REJECTED", "FAILED"})
 STEP_TASK = "cfrseg.pacs.step"
-LOCK_TTL_S = 900.0
+LOCK_TTL_S = 10.0        # renewed every third of it while held (a step can take minutes: segmentation)
 
 
 def job_id_for(route: str, model_id: str, series_uid: str, sop_uids: Iterable[str]) -> str:
@@ -55,6 +56,14 @@ def new_record(job_id: str, *, state: str, origin: dict[str, Any], series: dict[
             "series": series, "route": route, "seg": {}, "sends": {}, "timings": {}, "created": now,
             "updated": now, "finished": now if state in FINAL else None, "token": new_token(), "seq": 0,
             "attempts": 0, "previous_job_id": "", "sources_deleted": False}
+
+
+def _keep(lock: Any, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_TTL_S / 3):
+        try:
+            lock.reacquire()
+        except Exception:  # noqa: BLE001  (lost or released: nothing left to keep)
+            return
 
 
 def pack(files: Iterable[Path], tar_path: Path) -> int:
@@ -120,9 +129,13 @@ class PacsJobs:
             return
         lk = redis.lock(f"cfrseg:lock:pacs:{job_id}", timeout=LOCK_TTL_S, blocking_timeout=blocking_s)
         got = bool(lk.acquire())
+        stop = threading.Event()
+        if got:   # keep the lock alive while the holder lives: a killed worker's lock expires in LOCK_TTL_S
+            threading.Thread(target=_keep, args=(lk, stop), daemon=True, name=f"lock-{job_id}").start()
         try:
             yield got
         finally:
+            stop.set()
             if got:
                 with contextlib.suppress(Exception):
                     lk.release()

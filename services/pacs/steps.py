@@ -39,7 +39,7 @@ class PacsEnv:
     segment_timeout_s: float = 600.0
     wait_limit_s: float = 600.0      # retrain service or destination unreachable this long: FAILED
     move_wait_s: float = 120.0       # a C-MOVE done but the series not handed over by the node: FAILED
-    max_backoff_s: float = 30.0
+    max_backoff_s: float = 10.0      # below the Celery visibility timeout (docs/stack.md)
     clock: Any = field(default=time.time)
 
 
