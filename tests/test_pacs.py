@@ -433,3 +433,84 @@ def test_node_refuses_a_route_that_does_not_fit_its_model(pacs) -> None:
     assert r.returncode == 2 and "no trained model 'run-missing'" in r.stderr, r.stderr
     r = pacs.node.run_check(pacs.config)                 # the good config: destinations answer C-ECHO
     assert r.returncode == 0 and "pacs: ok" in r.stdout, r.stdout + r.stderr
+
+
+def test_cli_pacs_commands(pacs, capsys) -> None:
+    from services import client as cli
+
+    s = pacs.series("lge-cli")
+    pacs.orthanc.upload(s.files)
+    base = ["--address", pacs.st.addr("gateway"), "--token", pacs.st.token, "pacs"]
+    rc = cli.main([*base, "segment-study", "pacs", s.study_uid, "--method", "wado", "--wait", "--timeout", "60"])
+    out = capsys.readouterr().out
+    assert rc == 0 and " DONE " in out and "route=la-bin" in out and s.series_uid in out, out
+    job_id = out.split()[0]
+    assert cli.main([*base, "jobs", "--series", s.series_uid]) == 0
+    assert capsys.readouterr().out.startswith(job_id)
+    assert cli.main([*base, "job", job_id]) == 0
+    j = __import__("json").loads(capsys.readouterr().out)
+    assert j["state"] == "PACS_JOB_STATE_DONE" and j["seg_type"] == "BINARY" and "segment_s" in j["timings"]
+    assert cli.main([*base, "retry", job_id]) == 2
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert cli.main(["--address", pacs.st.addr("gateway"), "--token", pacs.st.token, "models"]) == 0
+    assert "1: Left atrium  (SCT:82471001:Left atrium)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_real_tiny_vnet_end_to_end(pacs) -> None:
+    """No fake: a real (tiny, untrained) V-Net in model.pt, segmented by the retrain service's real code path;
+    the SEG that reaches Orthanc equals cfrseg's own inference on the same series, voxel for voxel."""
+    import io
+    import json
+
+    import torch
+
+    from cfrseg.data.volume import Volume
+    from cfrseg.dicom.seg import seg_to_label
+    from cfrseg.models.registry import build_network
+    from cfrseg.stages.infer import InferConfig, load_model, save_model, segment_volume
+
+    torch.manual_seed(2)   # an untrained net whose label map is neither empty nor full on this phantom
+    net = build_network("vnet", 1, 2, n_filters=4)
+    buf = io.BytesIO()
+    save_model(buf, network="vnet", num_classes=2, student=net, network_kwargs={"n_filters": 4},
+               infer=InferConfig(patch=(16, 16, 16), stride=(8, 8, 8), device="cpu"))
+    obj = torch.load(io.BytesIO(buf.getvalue()), weights_only=True)
+    obj["class_names"] = ["Left atrium"]
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    install_model(pacs.st, "run-vnetmodel", artifact=buf.getvalue(), network="vnet")
+    cfg = json.loads(pacs.config.read_text())
+    cfg["routes"] = [{**cfg["routes"][0], "model_id": "run-vnetmodel"}]
+    vcfg = pacs.tmp / "pacs-vnet.json"
+    vcfg.write_text(json.dumps(cfg))
+    st = pacs.st
+    pacs.node.stop()
+    st.stop("retrain")
+    impl = st.env.pop("CFRSEG_SEGMENT_IMPL")
+    node = NodeProcess(st, vcfg, pacs.node.port, pacs.tmp)
+    try:
+        st.start("retrain")
+        node.start()
+        s = pacs.series("lge-vnet", shape=(24, 20, 10))
+        push(pacs.orthanc, s.files)
+        j = final(pacs, s.series_uid, timeout=120)
+        assert j.model_id == "run-vnetmodel"
+        data = seg_bytes(pacs.orthanc, j.seg_sop_uid)
+        metas = read_metadata(s.files)
+        geom = check_series(metas, min_slices=6)
+        model, meta = load_model(buf.getvalue(), "cpu")
+        vol = Volume(s.array, s.spacing, s.origin, tuple(s.direction.reshape(-1)))
+        want = segment_volume(model, vol, InferConfig.from_dict(meta["infer"]), meta["preprocess"]).array
+        assert 0 < want.sum() < want.size
+        assert np.array_equal(seg_to_label(data, geom), want.astype(np.uint16))
+        import pydicom
+
+        seg = pydicom.dcmread(io.BytesIO(data))
+        assert seg.SegmentSequence[0].SegmentLabel == "Left atrium" and seg.ManufacturerModelName == "vnet"
+    finally:
+        node.stop()
+        st.stop("retrain")
+        st.env["CFRSEG_SEGMENT_IMPL"] = impl
+        st.start("retrain")
+        pacs.node.start()
