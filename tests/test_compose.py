@@ -93,3 +93,20 @@ def test_dockerfile_has_a_target_per_image() -> None:
     used = {b["build"]["target"] for b in json.loads(run("config", "--format", "json").stdout)["services"].values()
             if "build" in b}
     assert used <= targets, used - targets
+
+
+def test_dicom_node_service(config: dict) -> None:
+    """The DICOM node: the gateway image with another entry point, its DICOM port published on loopback by
+    default, a health check, the routes file mounted read-only; Orthanc (profile pacs) routes to it."""
+    svcs = config["services"]
+    node = svcs["dicomnode"]
+    assert node["image"] == svcs["gateway"]["image"] and node["command"] == ["python", "-m", "services.pacs"]
+    assert node["ports"][0]["target"] == 11112 and node["ports"][0]["host_ip"] == "127.0.0.1"
+    assert "services.pacs" in node["healthcheck"]["test"] and "--health" in node["healthcheck"]["test"]
+    cfg = [v for v in node["volumes"] if v["target"] == node["environment"]["CFRSEG_PACS_CONFIG"]]
+    assert cfg and cfg[0].get("read_only")
+    assert '"dicomnode", 11112' in svcs["orthanc"]["environment"]["ORTHANC__DICOM_MODALITIES"]
+    assert "dicomnode" not in run("config", "--services").stdout.split()        # opt-in (profile dicom/pacs)
+    assert "dicomnode" in run("--profile", "dicom", "config", "--services").stdout.split()
+    example = json.loads((ROOT / "docker" / "pacs.example.json").read_text())
+    assert example["port"] == 11112 and example["bind"] == "0.0.0.0"
