@@ -368,7 +368,7 @@ def test_model_gone_then_retry(pacs) -> None:
         push(pacs.orthanc, s.files)
         j = final(pacs, s.series_uid, "FAILED")
         assert j.reason == "inference_unavailable" and MODEL in j.detail
-        assert store.exists(f"pacs/jobs/{j.job_id}/volume.nii.gz")   # nothing lost
+        assert store.exists(f"pacs/jobs/{j.job_id}/volume.nii")   # nothing lost
         with pytest.raises(grpc.RpcError) as e:
             pacs.client.retry_pacs_job("pacs-" + "0" * 16)
         assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -4,7 +4,7 @@ the worker (advances), and the gateway (lists, retries, creates pull jobs).
 Job id = ``pacs-`` + sha256(route, model id, SeriesInstanceUID, sorted SOPInstanceUIDs)[:16], so the same series
 delivered again maps to the same job and makes no second SEG (unless the job is retried with ``force``). Objects
 (``pacs/jobs/{job_id}/``): ``record.json`` (the JobStore record), ``source.tar`` (the instances as received),
-``volume.nii.gz`` (the decoded series), ``seg.dcm`` (the SEG). The sources, volume and SEG carry patient data and
+``volume.nii`` (the decoded series), ``seg.dcm`` (the SEG). The sources, volume and SEG carry patient data and
 are deleted when the job ends DONE (and ``keep_failed_days`` after FAILED/REJECTED). ``pacs/series/{h}.json``
 indexes the jobs of a series (h = sha256 of the SeriesInstanceUID), so late instances note the earlier job.
 """
