@@ -171,7 +171,7 @@ def test_every_rpc_needs_the_token(stack, metadata):
                     list(r)
             assert ei.value.code() == C.UNAUTHENTICATED, (name, ei.value.code(), ei.value.details())
             names.append(name)
-    assert len(names) == 13  # every Gateway RPC
+    assert len(names) == 17  # every Gateway RPC (13 + 4 PACS RPCs)
 
 
 def test_stage_services_refuse_the_public_token(stack):
