@@ -514,3 +514,37 @@ def test_real_tiny_vnet_end_to_end(pacs) -> None:
         st.env["CFRSEG_SEGMENT_IMPL"] = impl
         st.start("retrain")
         pacs.node.start()
+
+
+def test_resent_series_with_a_late_instance_and_forced_redo(pacs) -> None:
+    s = pacs.series("lge-late", shape=(20, 16, 9))
+    import pydicom
+
+    by_n = sorted(s.files, key=lambda f: int(pydicom.dcmread(f, stop_before_pixels=True).InstanceNumber))
+    assert store_scu(pacs.node.port, by_n[:8]) == [0] * 8
+    first = final(pacs, s.series_uid)
+    assert first.num_instances == 8
+    assert store_scu(pacs.node.port, by_n) == [0] * 9         # the PACS resends the series with a late slice
+    j2 = wait_job(pacs.client, lambda j: j.series_uid == s.series_uid and j.job_id != first.job_id
+                  and j.state in PACS_FINAL, 45)
+    assert pacs_state_name(j2.state) == "DONE" and j2.num_instances == 9 and j2.previous_job_id == first.job_id
+    assert len(seg_series_in_study(pacs.orthanc, s.study_uid)) == 2
+    # a forced redo of a DONE job whose sources are gone: the next delivery runs it again
+    r = pacs.client.retry_pacs_job(first.job_id, force=True)
+    assert "next delivery" in r.detail
+    assert store_scu(pacs.node.port, by_n[:8]) == [0] * 8
+    redo = wait_job(pacs.client, lambda j: j.job_id == first.job_id and j.attempts == 1 and j.state in PACS_FINAL, 45)
+    assert pacs_state_name(redo.state) == "DONE" and redo.seg_sop_uid != first.seg_sop_uid
+
+
+def test_spool_survives_a_node_restart(pacs) -> None:
+    s = pacs.series("lge-restart")
+    node = pacs.node
+    assert store_scu(node.port, s.files) == [0] * 8
+    node.proc.kill()                      # before the series is stable (release grace 0.5 s)
+    node.proc.wait()
+    assert not pacs.client.list_pacs_jobs(series_uid=s.series_uid)
+    node.start()
+    j = final(pacs, s.series_uid)
+    assert j.num_instances == 8
+    check_against_source(seg_bytes(pacs.orthanc, j.seg_sop_uid), s)

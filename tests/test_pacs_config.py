@@ -148,3 +148,35 @@ def test_audit_is_append_only_and_survives_a_store_outage(tmp_path) -> None:
     assert json.loads(lines[0])["event"] == "security_alert"
     with pytest.raises(ValueError):
         a.event("nonsense")
+
+
+def test_sweep_deletes_old_patient_data_and_keeps_records(tmp_path) -> None:
+    import logging
+    import time
+
+    from services.pacs.__main__ import sweep
+    from services.pacs.jobs import PacsJobs, new_record
+
+    store = LocalStore(tmp_path / "s")
+    pj = PacsJobs(store, JobStore(store), enqueue=lambda *a: None)
+    for jid, state, age_d in (("pacs-old", "FAILED", 8), ("pacs-new", "FAILED", 1), ("pacs-ok", "DONE", 9)):
+        rec = new_record(jid, state=state, origin={}, series={})
+        rec["finished"] = rec["created"] = time.time() - age_d * 86400
+        pj.put(rec)
+        store.put_bytes(f"pacs/jobs/{jid}/source.tar", b"phi")
+    assert sweep(pj, 7.0, logging.getLogger("t")) == 1
+    assert not store.exists("pacs/jobs/pacs-old/source.tar") and pj.get("pacs-old")["sources_deleted"]
+    assert store.exists("pacs/jobs/pacs-new/source.tar") and store.exists("pacs/jobs/pacs-ok/source.tar")
+
+
+def test_segment_study_without_a_pacs_config(tmp_path) -> None:
+    import grpc
+
+    from services.common.errors import ServiceError
+    from services.gateway.pacs import PacsApi
+    from services.gen.cfrseg.v1 import pacs_pb2
+
+    api = PacsApi(LocalStore(tmp_path), JobStore(LocalStore(tmp_path)), None, str(tmp_path))
+    with pytest.raises(ServiceError) as e:
+        api.segment_study(pacs_pb2.SegmentStudyRequest(source="pacs", study_uid="1.2.3"))
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "CFRSEG_PACS_CONFIG" in e.value.message

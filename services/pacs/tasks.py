@@ -36,6 +36,7 @@ def pacs_env():
     from services.pacs.steps import PacsEnv
 
     s = Settings.from_env()
+    logging.getLogger("highdicom").setLevel(logging.WARNING)   # its INFO lines name every copied module
     if "retrain" not in s.addrs:
         raise RuntimeError("set CFRSEG_RETRAIN_ADDR for PACS jobs (segmentation)")
     store = S3Store.from_settings(s)
