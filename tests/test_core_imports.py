@@ -28,8 +28,8 @@ def test_core_never_imports_service_dependencies() -> None:
 
 
 def test_core_imports_without_the_dicom_extra() -> None:
-    """cfrseg.dicom (and everything else) imports with pydicom, highdicom and pynetdicom unavailable: they are
-    imported lazily by the functions that need them."""
+    """cfrseg.dicom, the I/O module and the CLI import with pydicom, highdicom and pynetdicom unavailable: they
+    are imported lazily by the functions that need them (the first test imports every core module)."""
     code = textwrap.dedent(
         """
         import importlib, pkgutil, sys
@@ -38,11 +38,11 @@ def test_core_imports_without_the_dicom_extra() -> None:
                 if name.split(".")[0] in ("pydicom", "highdicom", "pynetdicom"):
                     raise ImportError(f"blocked {name}")
         sys.meta_path.insert(0, Block())
-        import cfrseg
-        names = [m.name for m in pkgutil.walk_packages(cfrseg.__path__, "cfrseg.")]
-        for n in names:
+        import cfrseg.dicom
+        names = [m.name for m in pkgutil.walk_packages(cfrseg.dicom.__path__, "cfrseg.dicom.")]
+        for n in names + ["cfrseg.data.io", "cfrseg.cli"]:
             importlib.import_module(n)
-        assert "cfrseg.dicom.seg" in sys.modules
+        assert "cfrseg.dicom.seg" in sys.modules and "cfrseg.dicom.series" in sys.modules
         print("ok")
         """
     )
