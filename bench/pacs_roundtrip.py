@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import write_json  # noqa: E402
+from _common import write_json
 
 MODEL = "run-benchmodel"
 PARTS = ("receive_s", "quiet_s", "upload_s", "handoff_s", "load_s", "segment_s", "encode_s", "send_s", "steps_s",

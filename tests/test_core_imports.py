@@ -46,5 +46,6 @@ def test_core_imports_without_the_dicom_extra() -> None:
         print("ok")
         """
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       check=False)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
