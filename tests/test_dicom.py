@@ -219,9 +219,13 @@ def test_read_dicom_series_refuses_a_missing_slice_naming_the_gap(tmp_path) -> N
 def test_write_dicom_series_writes_spacing_between_slices(tmp_path) -> None:
     import pydicom
 
+    import locale
+
     d = tuple(rotation(20, 15).reshape(-1))
     v = Volume(np.arange(10 * 12 * 8, dtype=np.int16).reshape(10, 12, 8), (0.7, 0.8, 2.5), (-40, -30, 20), d)
+    before = locale.setlocale(locale.LC_ALL)
     files = write_dicom_series(v, tmp_path)
+    assert locale.setlocale(locale.LC_ALL) == before   # GDCM's writer switches the process locale to "C"
     ds = pydicom.dcmread(files[0])
     assert float(ds.SpacingBetweenSlices) == pytest.approx(2.5) and "NumberOfFrames" not in ds
     back = read_dicom_series(tmp_path)

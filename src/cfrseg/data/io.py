@@ -8,7 +8,9 @@ missing, unreadable or truncated files (the message names the file).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import locale
 import os
 import struct
 import tempfile
@@ -399,18 +401,34 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     out: list[Path] = []
-    for k in range(img.GetDepth()):
-        # a one-slice 3D image, not a 2D slice: GDCM takes SpacingBetweenSlices from the image's z spacing (a 2D
-        # slice has none, and it wrote 1 mm whatever the metadata said)
-        sl = img[:, :, k:k + 1]
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in pos))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", new_uid())
-        f = folder / f"slice_{k:04d}.dcm"
-        writer.SetFileName(str(f))
-        writer.Execute(sl)
-        out.append(f)
+    with _keep_locale():
+        for k in range(img.GetDepth()):
+            out.append(_write_slice(writer, img, k, tags, folder))
     return out
+
+
+@contextlib.contextmanager
+def _keep_locale():
+    """GDCM's DICOM writer switches the process's C locale to "C" (LC_CTYPE included), after which Python's
+    default text encoding is ASCII for every later ``open()``: put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slice(writer: sitk.ImageFileWriter, img: sitk.Image, k: int, tags: dict[str, str], folder: Path) -> Path:
+    # a one-slice 3D image, not a 2D slice: GDCM takes SpacingBetweenSlices from the image's z spacing (a 2D
+    # slice has none, and it wrote 1 mm whatever the metadata said)
+    sl = img[:, :, k:k + 1]
+    for tag, value in tags.items():
+        sl.SetMetaData(tag, value)
+    pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+    sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in pos))
+    sl.SetMetaData("0020|0013", str(k + 1))
+    sl.SetMetaData("0008|0018", new_uid())
+    f = folder / f"slice_{k:04d}.dcm"
+    writer.SetFileName(str(f))
+    writer.Execute(sl)
+    return f
