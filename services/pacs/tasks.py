@@ -28,7 +28,7 @@ log = logging.getLogger("cfrseg.pacs.tasks")
 def pacs_env():
     from services.common.jobstore import JobStore
     from services.common.s3store import S3Store
-    from services.common.server import channel
+    from services.common.server import internal_channel
     from services.common.settings import Settings
     from services.gen.cfrseg.v1 import retrain_pb2_grpc
     from services.pacs.audit import Audit
@@ -43,8 +43,7 @@ def pacs_env():
     jobs = JobStore.connect(store, s.redis_url)
     work = Path(s.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    stub = retrain_pb2_grpc.RetrainServiceStub(channel(s.addrs["retrain"], s.internal_token, ca_cert=s.tls_ca,
-                                                       settings=s))
+    stub = retrain_pb2_grpc.RetrainServiceStub(internal_channel(s.addrs["retrain"], s))
     return PacsEnv(store=store, jobs=PacsJobs(store, jobs, enqueue), retrain=stub,
                    audit=Audit(store, "worker", work / "pacs"), workdir=work,
                    segment_timeout_s=float(os.environ.get("CFRSEG_PACS_SEGMENT_TIMEOUT_S", "600")),
