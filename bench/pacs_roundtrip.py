@@ -13,7 +13,9 @@ instance to "series stable": the release grace or quiet time), upload (the node 
 writes the job), hand-off (job queued to the worker's first step), load (pre-checks, decode, NIfTI to S3),
 segment (the Segment RPC), encode (SEG, post-check, SEG to S3), send (C-STORE, one association), steps
 (Celery/record overhead between steps), total (last instance received -> SEG stored in Orthanc).
-Target (issue 10): total - quiet - segment < 5 s. Results: bench/results/pacs_roundtrip.json.
+Target (issue 10): total - quiet - segment < 5 s, on the median of the warm runs (run 0, cold, is reported too).
+The node's release grace is 0.5 s here (the tests' routes file; default 1 s). Results:
+bench/results/pacs_roundtrip.json.
 """
 
 from __future__ import annotations
@@ -142,17 +144,20 @@ def main() -> int:
         finally:
             node.stop()
             st.down()
-    warm = runs[1:] or runs
-    best = {k: min(r[k] for r in warm) for k in (*PARTS, "overhead_s")}
+    import statistics
+
+    warm = runs[1:] or runs    # run 0 pays the worker's first imports (highdicom, SimpleITK) and model load
+    best = {k: statistics.median(r[k] for r in warm) for k in (*PARTS, "overhead_s")}
     res = {"series": {"slices": a.slices, "rows": a.size, "columns": a.size, "dtype": "int16",
                       "mb": round(a.slices * a.size * a.size * 2 / 1e6, 1)},
            "model": "untrained tiny V-Net (n_filters=4): timing only" if a.tiny else str(a.model),
-           "device": a.device, "runs": runs, "best_warm": best, "target_overhead_s": 5.0,
+           "device": a.device, "runs": runs, "cold": runs[0], "warm_median": best, "target_overhead_s": 5.0,
            "meets_target": best["overhead_s"] < 5.0}
     p = write_json("pacs_roundtrip", res)
     print(json.dumps(best, indent=1))
     print(f"target: total - quiet - segment < 5 s: {'met' if res['meets_target'] else 'NOT met'} "
-          f"({best['overhead_s']:.2f} s, best warm run); results in {p}")
+          f"({best['overhead_s']:.2f} s, median of the warm runs; cold run {runs[0]['overhead_s']:.2f} s); "
+          f"results in {p}")
     return 0
 
 
