@@ -180,3 +180,20 @@ def text_sr(folder: str | Path, study_uid: str, patient_id: str = "PID-0042") ->
     Path(folder).mkdir(parents=True, exist_ok=True)
     pydicom.dcmwrite(f, ds, enforce_file_format=True)
     return f
+
+
+def presentation_state(path: Path, study_uid: str) -> Path:
+    """A (minimal) Grayscale Softcopy Presentation State in the study: routed with the images, must be ignored."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, uid(), "PR"
+    ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "Doe^Jane", "PID-0042", 98, 1
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    pydicom.dcmwrite(path, ds, enforce_file_format=True)
+    return path

@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tests.servers import ROOT, free_port, wait_for
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -146,3 +148,52 @@ def free_ports(n: int) -> list[int]:
 
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "") not in ("", "0")
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+def expected(s) -> np.ndarray:
+    return (s.array > np.median(s.array)).astype(np.uint8)   # what the segmentation fake does
+
+
+def seg_bytes(orthanc, sop_uid: str) -> bytes:
+    found = orthanc.lookup(sop_uid)
+    assert len(found) == 1 and found[0]["Type"] == "Instance", found
+    return orthanc.rest("GET", f"/instances/{found[0]['ID']}/file")
+
+
+def seg_series_in_study(orthanc, study_uid: str) -> list[dict]:
+    series = orthanc.rest("GET", f"/dicom-web/studies/{study_uid}/series")
+    return [s for s in series if s["00080060"]["Value"][0] == "SEG"]
+
+
+def check_against_source(data: bytes, s) -> dict:
+    """The post-checks of cfrseg.dicom.seg.check_seg on SEG bytes (e.g. fetched from Orthanc) against the
+    fixture series ``s`` and the segmentation fake's label."""
+    from cfrseg.dicom.codes import SegmentSpec
+    from cfrseg.dicom.seg import check_seg
+    from cfrseg.dicom.series import check_series, read_metadata
+
+    metas = read_metadata(s.files)
+    geom = check_series(metas, min_slices=6)
+    return check_seg(data, metas, geom, expected(s), [SegmentSpec.from_dict({"value": 1, "label": "Left atrium"})])
+
+
+def store_scu(port: int, files, *, calling: str = "PACS", called: str = "CFRSEG", bind: str = "127.0.0.1"):
+    """pynetdicom C-STORE of files, proposing each file's own transfer syntax; returns the statuses."""
+    import pydicom
+    from pynetdicom import AE
+
+    dss = [pydicom.dcmread(f) for f in files]
+    ae = AE(ae_title=calling)
+    for ts in {str(d.file_meta.TransferSyntaxUID) for d in dss}:
+        for c in {str(d.SOPClassUID) for d in dss}:
+            ae.add_requested_context(c, ts)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called, bind_address=(bind, 0))
+    if not assoc.is_established:
+        return assoc
+    try:
+        return [int(assoc.send_c_store(d).Status) for d in dss]
+    finally:
+        assoc.release()

@@ -23,12 +23,20 @@ import pytest
 pytest.importorskip("pynetdicom")
 pytest.importorskip("highdicom")
 
-from cfrseg.dicom.codes import SegmentSpec
-from cfrseg.dicom.seg import check_seg
-from cfrseg.dicom.series import check_series, read_metadata
 from services.sdk import PACS_FINAL, Client, pacs_state_name
-from tests.dicom_fixtures import ENHANCED_MR, mr_series, text_sr, uid
-from tests.pacs_helpers import NodeProcess, install_model, pacs_config, push, stores, wait_job
+from tests.dicom_fixtures import ENHANCED_MR, mr_series, presentation_state, text_sr, uid
+from tests.pacs_helpers import (
+    NodeProcess,
+    check_against_source,
+    install_model,
+    pacs_config,
+    push,
+    seg_bytes,
+    seg_series_in_study,
+    store_scu,
+    stores,
+    wait_job,
+)
 from tests.servers import free_port, run_orthanc
 from tests.stack_helpers import cleanup, dump_logs, start_stack
 
@@ -87,46 +95,6 @@ def final(ctx: Ctx, series_uid: str, state: str = "DONE", timeout: float = 45.0)
         raise
     assert pacs_state_name(j.state) == state, (pacs_state_name(j.state), j.reason, j.detail)
     return j
-
-
-def expected(s) -> np.ndarray:
-    return (s.array > np.median(s.array)).astype(np.uint8)   # what the segmentation fake does
-
-
-def seg_bytes(orthanc, sop_uid: str) -> bytes:
-    found = orthanc.lookup(sop_uid)
-    assert len(found) == 1 and found[0]["Type"] == "Instance", found
-    return orthanc.rest("GET", f"/instances/{found[0]['ID']}/file")
-
-
-def seg_series_in_study(orthanc, study_uid: str) -> list[dict]:
-    series = orthanc.rest("GET", f"/dicom-web/studies/{study_uid}/series")
-    return [s for s in series if s["00080060"]["Value"][0] == "SEG"]
-
-
-def check_against_source(data: bytes, s) -> dict:
-    metas = read_metadata(s.files)
-    geom = check_series(metas, min_slices=6)
-    return check_seg(data, metas, geom, expected(s), [SegmentSpec.from_dict({"value": 1, "label": "Left atrium"})])
-
-
-def store_scu(port: int, files, *, calling: str = "PACS", called: str = "CFRSEG", bind: str = "127.0.0.1"):
-    """pynetdicom C-STORE of files, proposing each file's own transfer syntax; returns the statuses."""
-    import pydicom
-    from pynetdicom import AE
-
-    dss = [pydicom.dcmread(f) for f in files]
-    ae = AE(ae_title=calling)
-    for ts in {str(d.file_meta.TransferSyntaxUID) for d in dss}:
-        for c in {str(d.SOPClassUID) for d in dss}:
-            ae.add_requested_context(c, ts)
-    assoc = ae.associate("127.0.0.1", port, ae_title=called, bind_address=(bind, 0))
-    if not assoc.is_established:
-        return assoc
-    try:
-        return [int(assoc.send_c_store(d).Status) for d in dss]
-    finally:
-        assoc.release()
 
 
 # ---------------------------------------------------------------------------------------------- push
@@ -234,29 +202,13 @@ def test_allow_list(pacs) -> None:
 def test_series_without_route_are_ignored(pacs) -> None:
     s = pacs.series("loc", series_description="Localizer", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
     sr = text_sr(pacs.tmp / f"sr-{uid()[-6:]}", s.study_uid)
-    pr = _presentation_state(pacs.tmp / f"pr-{uid()[-6:]}.dcm", s.study_uid)
+    pr = presentation_state(pacs.tmp / f"pr-{uid()[-6:]}.dcm", s.study_uid)
     push(pacs.orthanc, [*s.files, sr, pr])          # the push succeeds: never fail a transfer we ignore
     import pydicom
 
     for f, n in ((s.files[0], 8), (sr, 1), (pr, 1)):
         j = final(pacs, str(pydicom.dcmread(f).SeriesInstanceUID), "IGNORED")
         assert j.reason == "no_route" and j.num_instances == n
-
-
-def _presentation_state(path: Path, study_uid: str) -> Path:
-    import pydicom
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    ds = Dataset()
-    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study_uid, uid(), "PR"
-    ds.PatientName, ds.PatientID, ds.SeriesNumber, ds.InstanceNumber = "Doe^Jane", "PID-0042", 98, 1
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    pydicom.dcmwrite(path, ds, enforce_file_format=True)
-    return path
 
 
 def test_bad_geometry_is_rejected_with_a_reason(pacs) -> None:
@@ -467,6 +419,7 @@ def test_real_tiny_vnet_end_to_end(pacs) -> None:
 
     from cfrseg.data.volume import Volume
     from cfrseg.dicom.seg import seg_to_label
+    from cfrseg.dicom.series import check_series, read_metadata
     from cfrseg.models.registry import build_network
     from cfrseg.stages.infer import InferConfig, load_model, save_model, segment_volume
 
