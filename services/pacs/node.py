@@ -360,8 +360,9 @@ class DicomNode:
                 rec = new_record(job_id, state="QUEUED", origin=origin, series=series, route=snap)
                 rec["timings"] = timings
                 rec["previous_job_id"] = earlier[-1] if earlier else ""
-                if old is not None:  # forced redo of a finished job
+                if old is not None:  # forced redo of a finished job: a newer write of the same record
                     rec["attempts"] = int(old.get("attempts", 0)) + 1
+                    rec["write_seq"] = int(old.get("write_seq", 0) or 0)
             rec["state"] = "QUEUED"
             rec["redo"] = False
             self.jobs.put(rec)
