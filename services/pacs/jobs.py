@@ -101,13 +101,21 @@ class PacsJobs:
 
     # ---- records ----
     def get(self, job_id: str) -> Record:
-        try:
-            return self.jobs.get(job_key(job_id))
-        except NotFoundError:
-            raise NotFoundError(f"no PACS job {job_id!r}") from None
+        rec = self.find(job_id)
+        if rec is None:
+            raise NotFoundError(f"no PACS job {job_id!r}")
+        return rec
 
     def find(self, job_id: str) -> Record | None:
-        return self.jobs.find(job_key(job_id))
+        key = job_key(job_id)
+        for attempt in range(4):
+            try:
+                return self.jobs.find(key)
+            except ValueError:   # a torn read of a record being rewritten (seen with nanio under load): read again
+                if attempt == 3:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        return None
 
     def put(self, rec: Record) -> None:
         rec["updated"] = time.time()
