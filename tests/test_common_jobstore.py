@@ -165,3 +165,39 @@ def test_redis_restarted_from_an_old_aof_loses_no_cancel_and_no_finished_stage(t
         js.redis = raw  # the old writer, reconnected, keeps numbering above what is stored
         js.put(run_key, {**got_run, "state": "CANCELLED"})
         assert fresh.get(run_key)[SEQ] > got_run[SEQ]
+
+
+class _TornStore(LocalStore):
+    """A store whose next ``torn`` reads return a half-written object (as some S3 servers do mid-replace)."""
+
+    torn = 0
+
+    def get_bytes(self, key: str) -> bytes:
+        data = super().get_bytes(key)
+        if self.torn > 0:
+            self.torn -= 1
+            return data[: len(data) // 2]
+        return data
+
+
+def test_torn_object_store_reads_are_read_again_or_served_from_redis(redis_server, tmp_path) -> None:
+    from services.common.jobstore import TornRecord
+    from services.common.retry import is_transient
+
+    store = _TornStore(tmp_path / "objects")
+    js = JobStore.connect(store, redis_server.url, namespace="torn")
+    key = run_record_key("t1")
+    js.put(key, {"state": "RUNNING"})
+    store.torn = 2  # two torn reads, then a whole one: read again, same record, Redis left intact
+    assert _plain(js.get(key)) == {"state": "RUNNING"}
+    assert json.loads(redis_server.client().get(f"torn:rec:{key}"))["state"] == "RUNNING"
+    store.torn = 10  # stays torn: Redis's copy is the answer
+    assert _plain(js.get(key)) == {"state": "RUNNING"}
+    store.torn = 0
+    js.redis.delete(f"torn:rec:{key}")
+    store.torn = 10  # torn and no Redis copy: a retryable error, not a JSONDecodeError
+    with pytest.raises(TornRecord) as e:
+        js.get(key)
+    assert is_transient(e.value)
+    store.torn = 0
+    assert _plain(js.get(key)) == {"state": "RUNNING"}

@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from cfrseg.errors import NotFoundError
 from cfrseg.store import Store, check_key
-from services.common.retry import is_transient
+from services.common.retry import StoreUnavailable, is_transient
 
 log = logging.getLogger("cfrseg.services.jobstore")
 Record = dict[str, Any]
@@ -45,6 +46,10 @@ end
 redis.call('SET', KEYS[1], ARGV[1])
 return 1
 """
+
+
+class TornRecord(StoreUnavailable):
+    """The object store's copy of a record could not be parsed (read while being replaced); retryable."""
 
 
 def run_record_key(run_id: str) -> str:
@@ -128,8 +133,10 @@ class JobStore:
             # only in Redis (lost from the object store, or deleted there a moment ago): not resurrected
             log.warning("record %s is in Redis but not in the object store", key)
             return json.loads(rdata)
-        srec = json.loads(sdata)
         rrec = json.loads(rdata) if rdata is not None else None
+        srec, sdata = self._parse_store_copy(key, sdata, rrec)
+        if srec is None:  # the object store's copy stayed unreadable: Redis's copy is the record
+            return rrec
         if rrec is not None and seq_of(rrec) > seq_of(srec):
             log.warning("object store copy of %s is older (write_seq %d < %d); repairing it from Redis",
                         key, seq_of(srec), seq_of(rrec))
@@ -144,6 +151,26 @@ class JobStore:
                             seq_of(srec))
             self._redis(lambda r: self._cas(keys=[self._rkey(key)], args=[sdata, seq_of(srec)], client=r))
         return srec
+
+    def _parse_store_copy(self, key: str, sdata: bytes, rrec: Record | None) -> tuple[Record | None, bytes]:
+        """Parse the object store's copy; a torn read (some S3 servers expose a half-written object while it is
+        being replaced) is read again a few times. Returns (record, the bytes it was parsed from), or (None, ...)
+        when it stays unreadable and Redis has a copy; raises a retryable error when neither copy is readable."""
+        for attempt in range(4):
+            try:
+                return json.loads(sdata), sdata
+            except ValueError:
+                if attempt == 3:
+                    break
+                time.sleep(0.05 * (attempt + 1))
+                try:
+                    sdata = self.store.get_bytes(key)
+                except NotFoundError:
+                    break
+        if rrec is not None:
+            log.warning("object store copy of %s is unreadable (torn read?); using Redis's copy", key)
+            return None, sdata
+        raise TornRecord(f"record {key!r} is being rewritten (unreadable object-store copy); retry")
 
     def find(self, key: str) -> Record | None:
         try:
