@@ -64,7 +64,9 @@ def test_kill_stage_service_mid_stage(client, stack, dataset, tmp_path):
     stack.kill("pseudolabel")
     time.sleep(1.0)
     stack.start("pseudolabel")
-    finish(client, stack, run.run_id)
+    r = finish(client, stack, run.run_id)
+    attempts = {s.stage: s.attempt for s in r.stages if s.stage != "evaluate"}
+    assert attempts == {"finetune": 1, "pseudolabel": 2, "retrain": 1}, r.stages  # as GetRun reports them
     pl = executions(client, run.run_id, "pseudolabel", tmp_path)
     assert len(pl) == 2 and pl[0]["start"] == 0 and pl[1]["start"] >= 2, pl  # resumed from its checkpoint
     for stage in ("finetune", "retrain"):

@@ -102,7 +102,8 @@ def to_run(rec: Record) -> gateway_pb2.Run:
         st = rec["stages"][s]
         m = gateway_pb2.StageStatus(stage=s, state=convert.stage_state(st["state"]), step=int(st["step"]),
                                     total=int(st["total"]), losses=_finite(st.get("losses")),
-                                    started=convert.ts(st.get("started")), finished=convert.ts(st.get("finished")))
+                                    started=convert.ts(st.get("started")), finished=convert.ts(st.get("finished")),
+                                    attempt=int(st.get("attempt") or 0))
         if st.get("eta_s") is not None:
             m.eta_s = float(st["eta_s"])
         stages.append(m)

@@ -158,7 +158,7 @@ class SubmitRunRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., profile: _Optional[str] = ..., ssl_method: _Optional[str] = ..., labeled_case_ids: _Optional[_Iterable[str]] = ..., unlabeled_case_ids: _Optional[_Iterable[str]] = ..., config_overrides_json: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "state", "step", "total", "losses", "eta_s", "started", "finished")
+    __slots__ = ("stage", "state", "step", "total", "losses", "eta_s", "started", "finished", "attempt")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +174,7 @@ class StageStatus(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     stage: str
     state: _common_pb2.StageState
     step: int
@@ -182,7 +183,8 @@ class StageStatus(_message.Message):
     eta_s: float
     started: _timestamp_pb2.Timestamp
     finished: _timestamp_pb2.Timestamp
-    def __init__(self, stage: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.StageState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., eta_s: _Optional[float] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, stage: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.StageState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., eta_s: _Optional[float] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "name", "dataset_id", "profile", "ssl_method", "state", "stage", "stages", "metrics", "error", "model_id", "created", "started", "finished", "labeled_case_ids", "unlabeled_case_ids")
