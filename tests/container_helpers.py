@@ -112,12 +112,15 @@ def make_project(d: Path, gateway_port: int) -> dict:
     (sec / "api_tokens").write_text(f"# the container test's client\n{token}\n")
     ca = make_ca(d / "pki")
     crt, key = make_cert(d / "pki", ca, "gateway", dns=["localhost"], ips=["127.0.0.1"])
-    shutil.copy(crt, sec / "gateway.crt")
+    (sec / "gateway.crt").write_bytes(crt.read_bytes() + ca[0].read_bytes())   # the chain, leaf first
     shutil.copy(key, sec / "gateway.key")
     shutil.copy(ca[0], sec / "ca.crt")
     for f in sec.iterdir():
         os.chown(f, UID, -1)
         f.chmod(0o400)
+    token_file = d / "client-token"   # the client's copy of its token
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
     src = cached_path("lite_medsam") or fetch("lite_medsam")
     shutil.copy(src, weights / src.name)
-    return {"dir": d, "token": token, "ca": ca[0], "address": f"127.0.0.1:{gateway_port}"}
+    return {"dir": d, "token": token, "token_file": token_file, "ca": ca[0], "address": f"127.0.0.1:{gateway_port}"}

@@ -115,12 +115,12 @@ def stack(images, phases, logs, tmp_path_factory):
 
 
 def cfrseg_client(stack: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The real ``cfrseg client`` as a user runs it: address, token and CA of the gateway from the environment."""
+    """The real ``cfrseg client`` as a user runs it, over TLS: ``--address``, ``--token-file``, ``--tls-ca``."""
     exe = Path(sys.executable).parent / "cfrseg"
     cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "cfrseg.cli"]
-    env = ch.clean_env(CFRSEG_ADDRESS=stack["address"], CFRSEG_TOKEN=stack["token"], CFRSEG_TLS_CA=str(stack["ca"]))
-    return subprocess.run([*cmd, "client", *args], check=False, cwd=ch.ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    conn = ["--address", stack["address"], "--token-file", str(stack["token_file"]), "--tls-ca", str(stack["ca"])]
+    return subprocess.run([*cmd, "client", *conn, *args], check=False, cwd=ch.ROOT, env=ch.clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def ok(stack: dict, *args: str, timeout: float = 300) -> str:
@@ -211,7 +211,7 @@ def test_kill_a_stage_container_mid_stage(stack, phases):
     t0 = time.monotonic()
     run_id = ok(stack, "submit", "--dataset", stack["dataset"], "--profile", "tiny", "--ssl", "mt", "--name",
                 "ci-fault", "--set", f"retrain.iterations={FAULT_ITERATIONS}").split()[0]
-    with Client(stack["address"], stack["token"], tls_ca=str(stack["ca"])) as sdk:   # cheap polling, over TLS
+    with Client(stack["address"], stack["token"], ca=str(stack["ca"])) as sdk:   # cheap polling, over TLS
         deadline = time.monotonic() + 900
         while True:
             run = sdk.get_run(run_id)
