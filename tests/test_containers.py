@@ -12,7 +12,8 @@ is lost. ``compose down -v`` at the end, also on failure.
 The third-party images are LOCAL STAND-INS made by docker/ci/images.sh, NOT the official images (no registry is
 reachable from CI): python:3.11-slim and redis:7.2-alpine from Debian packages, and nanio (an S3 server) in place
 of MinIO through MINIO_IMAGE. Needs root and about 25 GB of free disk, else skipped with the reason. Phase times
-and the disk peak are written to ``<pytest tmp>/containers-times.json`` and printed.
+and the disk peak are written to ``<pytest tmp>/containers-times.json`` and
+``$CFRSEG_CTR_DIR/logs/containers-times.json`` and printed.
 """
 
 from __future__ import annotations
@@ -60,9 +61,14 @@ def phases(request, tmp_path_factory):
     yield p
     out = tmp_path_factory.getbasetemp() / "containers-times.json"
     text = p.write(out)
+    (ch.CTR_DIR / "logs").mkdir(parents=True, exist_ok=True)
+    (ch.CTR_DIR / "logs" / out.name).write_text(text + "\n")   # outlives pytest's rotation of its tmp dirs
     tr = request.config.pluginmanager.get_plugin("terminalreporter")
-    if tr is not None:
-        tr.write_line(f"\n[containers] phase times and disk peak ({out}):\n{text}")
+    capman = request.config.pluginmanager.get_plugin("capturemanager")
+    if tr is not None and capman is not None:
+        with capman.global_and_fixture_disabled():   # shown also when every test passed
+            tr.write_line(f"\n[containers] phase times and disk peak ({out}, "
+                          f"{ch.CTR_DIR / 'logs' / out.name}):\n{text}")
 
 
 @pytest.fixture(scope="module")
