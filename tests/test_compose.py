@@ -155,7 +155,7 @@ def test_one_gpu_per_service_from_the_environment(config: dict) -> None:
         for name in GPU_SERVICES:
             svc = cfg["services"][name]
             ids = svc["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"]
-            assert ids == [svc["environment"]["CFRSEG_GPU"]], name   # the lock names the reserved device
+            assert ids == [svc["environment"]["CFRSEG_GPU"]], name   # the service is told the device it reserved
             out[name] = ids[0]
         return out
 
