@@ -42,8 +42,8 @@ IMPORTS = {   # what each image must import as its runtime user
     "finetune": "services.finetune.stage, cfrseg.stages.finetune, segment_anything, peft",
     "pseudolabel": "services.pseudolabel.stage, cfrseg.stages.pseudolabel",
     "retrain": "services.retrain.stage, cfrseg.stages.retrain, cfrseg.stages.infer",
-    "gateway": "services.gateway.server, cfrseg.data.datasets",
-    "worker": "services.orchestrator.app, services.orchestrator.tasks",
+    "gateway": "services.gateway.server, cfrseg.data.datasets, services.pacs.node, highdicom, pynetdicom",
+    "worker": "services.orchestrator.app, services.orchestrator.tasks, services.pacs.tasks",
     "tools": "services.common.init_bucket",
 }
 
