@@ -1,15 +1,22 @@
-"""Quality of CFR on the LA 2018 data, `lite` profile (or another), against its baselines.
+"""Quality of CFR on LA 2018 under the evaluation protocol (docs/protocol.md): one JSON record per run.
 
-For each L in --labeled (first L of train.list labeled; the last --holdout cases held out for evaluation; the
-rest unlabeled), runs, each in its own process (so peak memory is per run):
-  - none : supervised-only 3D network (lower bound)
-  - mt   : mean teacher without pseudo-labels
-  - cfr  : the CFR pipeline with --ssl (default mt): fine-tune SAM -> pseudo-label -> re-train; this run also
-           scores SAM alone (CFR_FT) and the pseudo-labels themselves.
-Prints a table of Dice / Jaccard / ASD / HD95 (mean ± std over the held-out cases), wall time and peak RSS, and
-writes bench/results/quality_la.json. Runs are resumable: finished ones are read back from --out.
+A run is (L, method, seed) evaluated on a split (``val`` for every tuning decision, ``test`` for the reported
+figures). Splits are fixed by case id (bench/protocol.py): validation = train.list[64:80], test = [48:64],
+training pool = [0:48] with the first L labeled and the rest unlabeled (their labels are never read).
+Methods: ``supervised`` (the 3D network on the labeled cases only), any SSL method of the re-train stage
+(``mt``, ``uamt``, ``acmt``, ``st``), and ``cfr_<ssl>`` (the whole CFR pipeline: fine-tune SAM, pseudo-label,
+re-train with <ssl>; it also scores SAM alone, the CFR_FT row). ``--labeled all`` is the ceiling: the whole
+pool labeled (supervised only).
 
-  .venv/bin/python bench/quality_la.py --data ../shared/data/la2018 --labeled 1 4 16
+Each (L, method, seed) trains once in its own process (so wall time, CPU time and peak RSS are its own) and is
+evaluated on each requested split; the record of a split is reused only if its whole spec (profile, resolved
+settings, overrides, seed, split and case ids, code version, threads: bench/run_records.py) is the same, and a
+record stored under that key with other fields is refused. The Markdown summary (mean ± std over seeds, paired
+per-case comparison of CFR_MT against MT) comes from bench/quality_summary.py.
+
+  nice -n 10 .venv/bin/python bench/quality_la.py --split val --labeled 4 --methods supervised mt cfr_mt \
+      --seeds 0 1 2 --threads 2 [--set retrain.iterations=600]
+  .venv/bin/python bench/quality_la.py --split val --summary-only
 """
 
 from __future__ import annotations
@@ -17,104 +24,224 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import peak_rss_mb, write_json  # noqa: E402
+import protocol
+from run_records import StaleRecord, code_version, load_cached, load_records, train_key, write_record
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_la"
+TIMING = "bench_timing.json"
 
 
-def _one(args: argparse.Namespace) -> None:
-    """Run one configuration in this process and write its result JSON."""
+def model_names(method: str) -> list[str]:
+    """Model rows a method's run produces (the CFR pipeline also scores SAM alone)."""
+    if method == "supervised":
+        return ["supervised"]
+    if method.startswith("cfr_"):
+        return ["CFR_FT", f"CFR_{method[4:].upper()}"]
+    return [method.upper()]
+
+
+def check_method(method: str) -> None:
+    from cfrseg.ssl.methods import METHODS
+
+    ssl = method.removeprefix("cfr_")
+    if method != "supervised" and (ssl not in METHODS or (ssl == "none" and not method.startswith("cfr_"))):
+        raise SystemExit(f"unknown method {method!r}: use supervised, one of "
+                         f"{[m for m in METHODS if m != 'none']} or cfr_<ssl> (cfr_none: CFR without SSL)")
+
+
+def resolved_profile(profile: str, sets: list[str], seed: int) -> dict[str, Any]:
+    """The profile's sections after ``--set`` overrides, with the seed of both trained stages set."""
     from cfrseg.config import apply_overrides, load_profile
-    from cfrseg.data.datasets import manifest_from_la
-    from cfrseg.stages.pipeline import PipelineConfig, _fg, run_pipeline
-    from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
-    from cfrseg.store import LocalStore
 
-    if args.threads:
-        import torch
+    prof = apply_overrides(load_profile(profile), sets)
+    prof.setdefault("retrain", {})["seed"] = seed
+    prof.setdefault("finetune", {})["seed"] = seed
+    return json.loads(json.dumps(prof))
 
-        torch.set_num_threads(args.threads)
-    out = Path(args.out) / f"L{args.L}_{args.method}"
-    data = manifest_from_la(args.data, args.L, holdout=args.holdout)
-    prof = apply_overrides(load_profile(args.profile), args.set or [])
-    t0 = time.monotonic()
-    res: dict = {"L": args.L, "method": args.method, "profile": args.profile}
-    if args.method == "cfr":
-        cfg = PipelineConfig.from_profile(prof, ssl=args.ssl, resume=True, profile=args.profile)
-        rep = run_pipeline(cfg, data, LocalStore(out)).report
-        res["CFR_FT"] = _fg(rep["metrics"]["CFR_FT"]["holdout"]["summary"])
-        res[f"CFR_{args.ssl.upper()}"] = _fg(rep["metrics"]["final"]["holdout"]["summary"])
-        q = rep["pseudolabel"]["quality"]
-        res["pseudo_labels"] = _fg(q["summary"]) if q else None
-        res["timings_s"] = rep["timings_s"]
-    else:
-        sec = dict(prof.get("retrain", {}), ssl=args.method, resume=True)
-        if "infer" in prof:
-            sec["infer"] = dict(prof["infer"], **sec.get("infer", {}))
-        cfg = RetrainConfig.from_dict(sec)
-        store = LocalStore(out)
-        run_retrain(cfg, data, store)
-        ev = evaluate_model(store, data)
-        res[{"none": "supervised", "mt": "MT"}.get(args.method, args.method)] = _fg(ev["summary"])
+
+def platform_info() -> dict[str, Any]:
+    """What the numbers depend on besides the code: torch version, GPU (what device "auto" picks), and
+    whether this CPU runs bfloat16 natively."""
     import torch
 
-    res["wall_s"] = round(time.monotonic() - t0, 1)
-    res["threads"] = torch.get_num_threads()
-    res["overrides"] = list(args.set or [])
-    res["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    (out / "bench_result.json").write_text(json.dumps(res, indent=2, default=str))
+    from cfrseg.stages.precision import cpu_bf16_native
+
+    return {"torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "cpu_bf16_native": cpu_bf16_native()}
 
 
-def _fmt(r: dict | None) -> str:
-    if not r:
-        return "n/a"
-    return " | ".join(f"{r[m]['mean']:.4f} ± {r[m]['std']:.4f}" if r[m]["mean"] == r[m]["mean"] else "nan"
-                      for m in ("dice", "jaccard", "asd", "hd95"))
+def make_spec(args: argparse.Namespace, L: str, method: str, seed: int, split: str,
+              code: dict[str, Any], ids: list[str], list_sha: str) -> dict[str, Any]:
+    pool = protocol.split_ids(ids)["pool"]
+    n = protocol.resolve_labeled(L, len(pool))
+    r = protocol.roles(ids, n, [split])
+    return {"bench": "quality_la", "profile": args.profile, "resolved": resolved_profile(args.profile, args.set, seed),
+            "overrides": list(args.set), "seed": seed, "L": n, "ceiling": n == len(pool), "method": method,
+            "split": split, "split_ids": r["test"], "labeled_ids": r["labeled"], "unlabeled_ids": r["unlabeled"],
+            "data_list_sha256": list_sha, "code": code, "platform": platform_info(), "threads": args.threads}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+# ------------------------------------------------------------------------------------------ one run (child)
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+class _Progress:
+    """Prints one line per stage change and at most one a minute otherwise (the benchmark's log)."""
+
+    def __init__(self, tag: str) -> None:
+        self.tag, self.stage, self.last = tag, None, 0.0
+
+    def __call__(self, ev) -> None:
+        now = time.monotonic()
+        if ev.stage != self.stage or now - self.last >= 60:
+            self.stage, self.last = ev.stage, now
+            print(f"[{self.tag}] {ev.stage} {ev.step}/{ev.total} {ev.message or ''}", flush=True)
+
+
+def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (or reuse) and evaluate one spec; returns ({model: {case: metrics}}, extra)."""
+    from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
+    from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
+
+    man = protocol.manifest(data, spec["L"], [spec["split"]])
+    assert [c.case_id for c in man.test] == spec["split_ids"], "manifest and spec disagree on the split"
+    method, prof = spec["method"], spec["resolved"]
+    prog = _Progress(f"{method} L={spec['L']} seed={spec['seed']} {spec['split']}")
+    if method.startswith("cfr_"):
+        cfg = PipelineConfig.from_profile(prof, ssl=method[4:], resume=True, profile=spec["profile"])
+        rep = run_pipeline(cfg, man, store, progress=prog).report
+        names = model_names(method)
+        models = {names[0]: rep["metrics"]["CFR_FT"]["holdout"]["cases"],
+                  names[1]: rep["metrics"]["final"]["holdout"]["cases"]}
+        cal = rep["pseudolabel"].get("calibration") or {}
+        extra = {"stage_s": rep["timings_s"], "stage_peak_rss_mb": rep["peak_rss_mb"],
+                 "calibration_threshold": cal.get("threshold"), "calibration_reason": cal.get("reason")}
+        return models, extra
+    sec = dict(prof.get("retrain", {}), ssl="none" if method == "supervised" else method, resume=True)
+    if "infer" in prof:
+        sec["infer"] = dict(prof["infer"], **sec.get("infer", {}))
+    rt = store.sub("retrain")
+    res = run_retrain(RetrainConfig.from_dict(sec), man, rt, progress=prog)
+    ev = evaluate_model(rt, man, progress=prog)
+    return {model_names(method)[0]: ev["cases"]}, {"train_wall_s": res.wall_s, "final_losses": res.final_losses}
+
+
+def run_one(job_file: str) -> None:
+    """Child process: train one (L, method, seed) and write one record per split of the job."""
+    import torch
+
+    from cfrseg.store import LocalStore
+
+    job = json.loads(Path(job_file).read_text())
+    specs = job["specs"]
+    if code_version() != specs[0]["code"]:
+        raise SystemExit("the code changed since the run was planned; plan it again")
+    torch.set_num_threads(specs[0]["threads"] or torch.get_num_threads())
+    store_dir = Path(job["work"]) / f"{specs[0]['method']}_L{specs[0]['L']}_seed{specs[0]['seed']}_" \
+                                    f"{train_key(specs[0])[:16]}"
+    store = LocalStore(store_dir)
+    tfile = store_dir / TIMING
+    for spec in specs:
+        assert train_key(spec) == train_key(specs[0])
+        fresh = not tfile.is_file()
+        w0, c0 = time.perf_counter(), _cpu_s()
+        models, extra = _evaluate(spec, job["data"], store)
+        this = {"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(_cpu_s() - c0, 1),
+                "peak_rss_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads(),
+                "load_avg_1m": os.getloadavg()[0], "split": spec["split"]}
+        if fresh:
+            tfile.write_text(json.dumps(this))
+        trained = json.loads(tfile.read_text())
+        timing = {"pipeline_wall_s": trained["wall_s"], "pipeline_cpu_s": trained["cpu_s"],
+                  "peak_rss_mb": trained["peak_rss_mb"], "threads": trained["threads"],
+                  "trained_with_split": trained["split"], "load_avg_1m": trained.get("load_avg_1m"),
+                  "this_process": this}
+        p = write_record(Path(job["results"]), spec, models, timing, extra)
+        print(f"wrote {p}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--data", default=os.environ.get("CFRSEG_LA_DIR", "../shared/data/la2018"))
-    ap.add_argument("--labeled", type=int, nargs="+", default=[1, 4, 16])
-    ap.add_argument("--methods", nargs="+", default=["none", "mt", "cfr"], choices=["none", "mt", "cfr"])
-    ap.add_argument("--ssl", default="mt", help="SSL method of the CFR re-train stage")
-    ap.add_argument("--holdout", type=int, default=16)
+    ap.add_argument("--split", nargs="+", default=["val"], choices=list(protocol.EVAL_SPLITS))
+    ap.add_argument("--labeled", nargs="+", default=["4"], help="L values, or 'all' (the ceiling)")
+    ap.add_argument("--methods", nargs="+", default=["supervised", "mt", "cfr_mt"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--profile", default="lite")
-    ap.add_argument("--set", action="append", help="profile override stage.key=JSON (all runs)")
-    ap.add_argument("--out", default="bench/results/quality_la")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (default: torch's choice)")
-    ap.add_argument("--one", nargs=2, metavar=("L", "METHOD"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--set", action="append", default=[], help="profile override stage.key=JSON (all runs)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="records in <results>/records, stores in "
+                    "<results>/runs")
+    ap.add_argument("--summary-only", action="store_true", help="only print the summary of stored records")
+    ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
     if args.one:
-        args.L, args.method = int(args.one[0]), args.one[1]
-        _one(args)
-        return
-    rows = []
-    for L in args.labeled:
+        run_one(args.one)
+        return 0
+    results = Path(args.results)
+    records_dir = results / "records"
+    if not args.summary_only:
+        ids, sha = protocol.read_ids(args.data)
+        code = code_version()
         for m in args.methods:
-            f = Path(args.out) / f"L{L}_{m}" / "bench_result.json"
-            if not f.is_file():
-                cmd = [sys.executable, __file__, "--one", str(L), m, "--data", args.data, "--holdout",
-                       str(args.holdout), "--profile", args.profile, "--out", args.out, "--ssl", args.ssl,
-                       "--threads", str(args.threads)]
-                for s in args.set or []:
-                    cmd += ["--set", s]
-                print(f"== L={L} {m}: {' '.join(cmd[2:])}", flush=True)
-                subprocess.run(cmd, check=True)
-            rows.append(json.loads(f.read_text()))
-    print("\n| L | model | Dice | Jaccard | ASD (mm) | HD95 (mm) | wall (s) | peak RSS (MB) | threads |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        models = [k for k in r if k in ("supervised", "MT", "CFR_FT", "pseudo_labels") or k.startswith("CFR_")]
-        for k in models:
-            print(f"| {r['L']} | {k} | {_fmt(r[k])} | {r['wall_s']} | {r['peak_rss_mb']} | {r.get('threads', '?')} |")
-    p = write_json("quality_la", {"profile": args.profile, "holdout": args.holdout, "runs": rows})
-    print(f"\nwrote {p}")
+            check_method(m)
+        for L in args.labeled:
+            n = protocol.resolve_labeled(L, len(protocol.split_ids(ids)["pool"]))
+            for m in args.methods:
+                if n == len(protocol.split_ids(ids)["pool"]) and m != "supervised":
+                    print(f"== L={L} {m}: skipped (no unlabeled case left: the ceiling is supervised only)")
+                    continue
+                for seed in args.seeds:
+                    specs = [make_spec(args, L, m, seed, s, code, ids, sha) for s in args.split]
+                    try:
+                        todo = [s for s in specs if load_cached(records_dir, s) is None]
+                    except StaleRecord as e:
+                        print(f"error: {e}", file=sys.stderr)
+                        return 2
+                    tag = f"L={n} {m} seed={seed} split(s) {[s['split'] for s in specs]}"
+                    if not todo:
+                        print(f"== {tag}: cached")
+                        continue
+                    print(f"== {tag}: {'would run' if args.plan else 'running'} {[s['split'] for s in todo]}",
+                          flush=True)
+                    if args.plan:
+                        continue
+                    job = results / "jobs" / f"{m}_L{n}_seed{seed}_{train_key(todo[0])[:16]}.json"
+                    job.parent.mkdir(parents=True, exist_ok=True)
+                    job.write_text(json.dumps({"specs": todo, "data": str(args.data), "work": str(results / "runs"),
+                                               "results": str(records_dir)}))
+                    r = subprocess.run([sys.executable, __file__, "--one", str(job)], check=False)
+                    if r.returncode != 0:
+                        print(f"== {tag}: failed (exit {r.returncode})", file=sys.stderr)
+                        return 1
+    from quality_summary import to_markdown
+
+    try:
+        recs = load_records(records_dir) if records_dir.is_dir() else []
+    except StaleRecord as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for s in args.split:
+        print(to_markdown(recs, s))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

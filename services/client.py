@@ -7,7 +7,8 @@ The connection options may also follow the command (``cfrseg client list --stack
 Address and token default to $CFRSEG_ADDRESS / $CFRSEG_TOKEN, else the local stack's ``stack.json``/``token``.
 TLS: ``--tls-ca`` (default $CFRSEG_CLIENT_CA), client certificate ``--tls-cert``/``--tls-key`` (default
 $CFRSEG_CLIENT_CERT/$CFRSEG_CLIENT_KEY); a local stack started with ``--tls`` is used with its own CA.
-Commands: upload-dataset, submit, watch, get, list, cancel, models, artifacts, fetch, segment, health.
+Commands: upload-dataset, submit, watch, get, list, cancel, models, artifacts, fetch, segment, health,
+pacs (jobs, job, retry, segment-study).
 Exit status: 0 ok, 1 the run ended FAILED/CANCELLED (watch/submit --watch) or something is not healthy (health),
 2 an error (printed as ``error: CODE: message``, plus a ``hint:`` line for the usual TLS mistakes).
 """
@@ -164,6 +165,8 @@ def cmd_models(c: Client, a: argparse.Namespace) -> int:
     for m in c.list_models():
         metrics = " ".join(f"{k}={v:.4f}" for k, v in sorted(m.metrics.items()))
         print(f"{m.model_id}  {m.network}  {m.num_classes} classes  {m.ssl_method}  {metrics}".rstrip())
+        for cl in m.classes:
+            print(f"    {cl.value}: {cl.name}" + (f"  ({cl.code})" if cl.code else ""))
     return 0
 
 
@@ -206,6 +209,85 @@ def cmd_health(c: Client, a: argparse.Namespace) -> int:
             print(f"  {'ok' if ch.ok else 'FAIL':4s}  {ch.name:12s} {ch.reason}{note}".rstrip())
         ok &= r.serving
     return 0 if ok else 1
+
+
+def _pacs_line(j: Any) -> str:
+    from services.sdk import pacs_state_name
+
+    why = f" {j.reason}" if j.reason else ""
+    seg = f" SEG {j.seg_type} {j.seg_frames} frames" if j.seg_sop_uid else ""
+    return (f"{j.job_id}  {pacs_state_name(j.state):10s}{why}  route={j.route or '-'}  series={j.series_uid}  "
+            f"{j.num_instances} inst{seg}").rstrip()
+
+
+def cmd_pacs_jobs(c: Client, a: argparse.Namespace) -> int:
+    for j in c.list_pacs_jobs(state=a.state, study_uid=a.study, series_uid=a.series, route=a.route):
+        print(_pacs_line(j))
+    return 0
+
+
+def cmd_pacs_job(c: Client, a: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    print(json.dumps(json_format.MessageToDict(c.get_pacs_job(a.job_id), preserving_proto_field_name=True),
+                     indent=2))
+    return 0
+
+
+def cmd_pacs_retry(c: Client, a: argparse.Namespace) -> int:
+    print(_pacs_line(c.retry_pacs_job(a.job_id, force=a.force)))
+    return 0
+
+
+def cmd_pacs_segment_study(c: Client, a: argparse.Namespace) -> int:
+    from services.sdk import PACS_FINAL
+
+    r = c.segment_study(a.source, a.study_uid, series_uid=a.series, route=a.route, method=a.method)
+    for s in r.skipped_series:
+        print(f"skipped {s}")
+    code = 0
+    for j in r.jobs:
+        if a.wait:
+            j = c.wait_pacs_job(j.job_id, timeout=a.timeout)
+            code |= int(j.state != PACS_FINAL[0])
+        print(_pacs_line(j))
+        if a.wait and j.detail:
+            print(f"  {j.detail}")
+    return code
+
+
+def _add_pacs(sub: Any, conn: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("pacs", help="PACS jobs of the DICOM node and pull mode (docs/pacs.md)")
+    ps = p.add_subparsers(dest="pacs_cmd", required=True, metavar="PACS_COMMAND")
+    _add = ps.add_parser
+
+    def add_parser(name: str, **kw: Any) -> argparse.ArgumentParser:
+        return _add(name, parents=[conn], **kw)
+
+    ps.add_parser = add_parser  # type: ignore[method-assign]
+    q = ps.add_parser("jobs", help="list PACS jobs (newest first)")
+    q.add_argument("--state", default="", help="RECEIVING|QUEUED|...|DONE|IGNORED|REJECTED|FAILED")
+    q.add_argument("--study", default="", help="StudyInstanceUID")
+    q.add_argument("--series", default="", help="SeriesInstanceUID")
+    q.add_argument("--route", default="")
+    q.set_defaults(func=cmd_pacs_jobs)
+    q = ps.add_parser("job", help="one PACS job as JSON (state, reason, UIDs, SEG, timings)")
+    q.add_argument("job_id")
+    q.set_defaults(func=cmd_pacs_job)
+    q = ps.add_parser("retry", help="resume a FAILED job (--force: re-run a finished one)")
+    q.add_argument("job_id")
+    q.add_argument("--force", action="store_true")
+    q.set_defaults(func=cmd_pacs_retry)
+    q = ps.add_parser("segment-study", help="segment a study that is in a configured PACS (pull mode)")
+    q.add_argument("source", help="a destination name of the PACS config, e.g. pacs")
+    q.add_argument("study_uid")
+    q.add_argument("--series", default="", help="only this SeriesInstanceUID")
+    q.add_argument("--route", default="", help="use this route for every series (default: match rules)")
+    q.add_argument("--method", default="", choices=["", "get", "move", "wado"],
+                   help="C-GET (default for DIMSE), C-MOVE to our AE, or WADO-RS (default for DICOMweb)")
+    q.add_argument("--wait", action="store_true", help="wait until every job ends (exit 1 if one is not DONE)")
+    q.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait per job (default 1800)")
+    q.set_defaults(func=cmd_pacs_segment_study)
 
 
 def _connection_options() -> argparse.ArgumentParser:
@@ -258,8 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("submit", help="submit a run")
     p.add_argument("--dataset", required=True)
-    p.add_argument("--profile", default="tiny", help="tiny | lite | paper (default tiny)")
-    p.add_argument("--ssl", default="mt", help="none | mt | st | uamt | acmt (default mt)")
+    p.add_argument("--profile", default="", help="lite | paper | tiny (default: the server's, lite; tiny is a "
+                                               "random toy for smoke tests)")
+    p.add_argument("--ssl", default="mt", help="none | mt | st | uamt | acmt | magicnet (default mt)")
     p.add_argument("--labeled", default="", help="comma-separated labeled case ids (default all)")
     p.add_argument("--unlabeled", default="", help="comma-separated unlabeled case ids (default all)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE.KEY=VALUE")
@@ -296,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("health", help="the gateway's and the stage services' health checks, with reasons")
     p.add_argument("--gateway-only", action="store_true", help="do not ask the stage services")
     p.set_defaults(func=cmd_health)
+    _add_pacs(sub, conn)
     return ap
 
 

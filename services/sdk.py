@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from cfrseg.sam.weights import sha256_file  # noqa: F401  (re-exported)
-from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, pacs_pb2
 
 CHUNK = 1 << 20
 UPLOADABLE = (".nii.gz", ".nii", ".nrrd", ".mha")  # the gateway's single-file formats
@@ -52,8 +52,16 @@ def _uploadable(path: str, kind: str, spacing: Sequence[float] | None, tmp: Path
     return out
 
 
+PACS_FINAL = (pacs_pb2.PACS_JOB_STATE_DONE, pacs_pb2.PACS_JOB_STATE_IGNORED, pacs_pb2.PACS_JOB_STATE_REJECTED,
+              pacs_pb2.PACS_JOB_STATE_FAILED)
+
+
 def state_name(state: int) -> str:
     return common_pb2.RunState.Name(state).removeprefix("RUN_STATE_")
+
+
+def pacs_state_name(state: int) -> str:
+    return pacs_pb2.PacsJobState.Name(state).removeprefix("PACS_JOB_STATE_")
 
 
 class Client:
@@ -172,7 +180,7 @@ class Client:
         return self.stub.GetDataset(gateway_pb2.GetDatasetRequest(dataset_id=dataset_id), **self._kw())
 
     # ---- runs ----
-    def submit_run(self, dataset_id: str, *, profile: str = "tiny", ssl_method: str = "mt",
+    def submit_run(self, dataset_id: str, *, profile: str = "", ssl_method: str = "mt",
                    labeled: Sequence[str] = (), unlabeled: Sequence[str] = (),
                    overrides: dict[str, dict[str, Any]] | None = None, name: str = "",
                    request_id: str | None = None) -> gateway_pb2.Run:
@@ -284,3 +292,41 @@ class Client:
             raise OSError(f"download of {name}: sha256 mismatch (got {h.hexdigest()}, expected {info.ref.sha256})")
         os.replace(tmp, dest)
         return dest
+
+    # ---- PACS (docs/pacs.md) ----
+    def list_pacs_jobs(self, *, state: str = "", study_uid: str = "", series_uid: str = "",
+                       route: str = "") -> list[pacs_pb2.PacsJob]:
+        st = pacs_pb2.PacsJobState.Value(f"PACS_JOB_STATE_{state.upper()}") if state else 0
+        out, token = [], ""
+        while True:
+            r = self.stub.ListPacsJobs(pacs_pb2.ListPacsJobsRequest(
+                page_token=token, state=st, study_uid=study_uid, series_uid=series_uid, route=route), **self._kw())
+            out.extend(r.jobs)
+            token = r.next_page_token
+            if not token:
+                return out
+
+    def get_pacs_job(self, job_id: str) -> pacs_pb2.PacsJob:
+        return self.stub.GetPacsJob(pacs_pb2.GetPacsJobRequest(job_id=job_id), **self._kw())
+
+    def retry_pacs_job(self, job_id: str, force: bool = False) -> pacs_pb2.PacsJob:
+        return self.stub.RetryPacsJob(pacs_pb2.RetryPacsJobRequest(job_id=job_id, force=force), **self._kw())
+
+    def segment_study(self, source: str, study_uid: str, *, series_uid: str = "", route: str = "",
+                      method: str = "", timeout: float | None = 120.0) -> pacs_pb2.SegmentStudyResponse:
+        return self.stub.SegmentStudy(pacs_pb2.SegmentStudyRequest(
+            source=source, study_uid=study_uid, series_uid=series_uid, route=route, method=method),
+            **self._kw(timeout))
+
+    def wait_pacs_job(self, job_id: str, timeout: float = 600.0, poll_s: float = 0.5) -> pacs_pb2.PacsJob:
+        """Poll a PACS job until it ends (DONE, IGNORED, REJECTED, FAILED); TimeoutError otherwise."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            j = self.get_pacs_job(job_id)
+            if j.state in PACS_FINAL or time.monotonic() > deadline:
+                if j.state not in PACS_FINAL:
+                    raise TimeoutError(f"PACS job {job_id} still {pacs_state_name(j.state)} after {timeout:.0f} s")
+                return j
+            time.sleep(poll_s)

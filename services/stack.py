@@ -85,6 +85,7 @@ class LocalStack:
     detach: bool = False                                       # survive the parent (cfrseg stack up)
     tls: bool = False                                          # every gRPC hop over TLS (a private CA in DIR/tls)
     mtls: bool = False                                         # and the gateway requires client certificates
+    redis_aof: bool = False                                    # Redis with an append-only file (like compose)
 
     def __post_init__(self) -> None:
         self.dir = Path(self.dir).absolute()
@@ -131,6 +132,7 @@ class LocalStack:
             "CFRSEG_S3_ACCESS_KEY": self.s3_access_key, "CFRSEG_S3_SECRET_KEY": self.s3_secret_key,
             "CFRSEG_S3_BUCKET": self.bucket, "CFRSEG_INTERNAL_TOKEN": self.internal_token,
             "CFRSEG_WORKDIR": str(work), "CFRSEG_GRACE_S": "5", "PYTHONUNBUFFERED": "1",
+            "CFRSEG_LOCK_DIR": str(self.dir / "locks"),  # one job per device across the local services
             **{f"CFRSEG_{s.upper()}_ADDR": self.addr(s) for s in ("finetune", "pseudolabel", "retrain")},
         }
         if name == "gateway":
@@ -161,8 +163,9 @@ class LocalStack:
         if name == "redis":
             d = self.dir / "redis"
             d.mkdir(parents=True, exist_ok=True)
+            persist = ["--appendonly", "yes", "--appendfsync", "always"] if self.redis_aof else ["--appendonly", "no"]
             p = self._popen(name, [_exe("redis-server"), "--bind", HOST, "--port", str(self.ports["redis"]),
-                                   "--save", "", "--appendonly", "no", "--dir", str(d)], dict(os.environ))
+                                   "--save", "", *persist, "--dir", str(d)], dict(os.environ))
             self._wait(name, lambda: self._redis_ping(), timeout)
         elif name == "s3":
             d = self.dir / "s3"

@@ -59,6 +59,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
 
 def segment(model_dir: Path, image: Path, out: Path, overrides: dict[str, Any], device: str) -> dict[str, Any]:
+    time.sleep(float(os.environ.get("CFRSEG_FAKE_SEGMENT_S", "0")))  # a slow segmentation (worker-kill tests)
     v = read_volume(image)
     write_volume(v.with_array((v.array > np.median(v.array)).astype(np.uint8)), out, label=True)
     return {"num_classes": 2}

@@ -3,7 +3,8 @@
 Import the fixtures into a test module (``from tests.servers import redis_server, s3_server  # noqa: F401``)
 or use the context managers directly. Everything binds 127.0.0.1 only.
 
-- ``redis_server``: ``redis-server --save "" --appendonly no`` (session scope) -> ``RedisServer`` (``.url``).
+- ``redis_server``: ``redis-server --save "" --appendonly no`` (session scope) -> ``RedisServer`` (``.url``);
+  ``run_redis(dir, aof=True, port=...)`` for a persistent one that can be restarted.
 - ``s3_server``: nanio (a real S3 server that checks SigV4 signatures, data on disk) (session scope) ->
   ``S3Server`` (``.endpoint``, ``.access_key``, ``.secret_key``, ``.env(bucket)``).
 - ``start_service(module, env, ...)``: ``python -m services.<x> --port N`` as a subprocess, waits until its
@@ -91,16 +92,19 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def run_redis(tmp: Path) -> Iterator[RedisServer]:
+def run_redis(tmp: Path, *, aof: bool = False, port: int | None = None) -> Iterator[RedisServer]:
+    """redis-server in ``tmp``; ``aof=True``: with an append-only file (``--appendfsync always``) like compose's
+    Redis, so a restart on the same ``port`` and folder comes back with the data."""
     exe = shutil.which("redis-server")
     if exe is None:
         pytest.skip("redis-server not installed (scripts/setup.sh --services installs it)")
-    port = free_port()
+    port = port or free_port()
     tmp.mkdir(parents=True, exist_ok=True)
     log = tmp / "redis.log"
-    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+    persist = ["--appendonly", "yes", "--appendfsync", "always"] if aof else ["--appendonly", "no"]
+    proc = subprocess.Popen([exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persist,
                              "--dir", str(tmp), "--protected-mode", "yes"],
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
     try:
         srv = RedisServer(port, proc, tmp)
         wait_for(lambda: srv.client().ping(), 10, "redis-server", proc, log)
@@ -236,3 +240,85 @@ def service(module: str, env: dict[str, str], **kw) -> Iterator[ServiceProcess]:
         yield svc
     finally:
         svc.stop()
+
+
+# ---------------------------------------------------------------- Orthanc (the hospital PACS in tests)
+
+ORTHANC_DICOMWEB = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
+@dataclass
+class OrthancServer:
+    """A real Orthanc (Debian package) with its DICOMweb plugin, loopback only. ``aet`` is its AE title."""
+
+    http_port: int
+    dicom_port: int
+    proc: subprocess.Popen
+    dir: Path
+    aet: str = "PACS"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def dicomweb(self) -> str:
+        return f"{self.url}/dicom-web"
+
+    def rest(self, method: str, path: str, body: bytes | dict | list | None = None, timeout: float = 60.0):
+        """One REST call; JSON answers are decoded, others returned as bytes."""
+        import json as _json
+        import urllib.request
+
+        data = _json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            raw = r.read()
+            if "json" in r.headers.get("Content-Type", ""):
+                return _json.loads(raw)
+            return raw
+
+    def upload(self, files) -> list[str]:
+        """POST /instances for each file; returns the Orthanc series ids."""
+        series = []
+        for f in files:
+            r = self.rest("POST", "/instances", Path(f).read_bytes())
+            if r["ParentSeries"] not in series:
+                series.append(r["ParentSeries"])
+        return series
+
+    def lookup(self, uid: str) -> list[dict]:
+        return self.rest("POST", "/tools/lookup", uid.encode())
+
+
+@contextlib.contextmanager
+def run_orthanc(tmp: Path, modalities: dict[str, list] | None = None, *, unknown_sop_accepted: bool = False,
+                aet: str = "PACS", extra: dict | None = None) -> Iterator[OrthancServer]:
+    """Start Orthanc on free loopback ports; ``modalities``: DicomModalities (name -> [AET, host, port]);
+    ``extra``: more configuration options."""
+    import json as _json
+
+    exe = shutil.which("Orthanc")
+    if exe is None or not Path(ORTHANC_DICOMWEB).exists():
+        pytest.skip("Orthanc with its DICOMweb plugin not installed (scripts/setup.sh --services)")
+    tmp.mkdir(parents=True, exist_ok=True)
+    http, dicom = free_port(), free_port()
+    cfg = {"Name": "cfrseg-test-pacs", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+           "HttpServerEnabled": True, "HttpPort": http, "RemoteAccessAllowed": False,
+           "AuthenticationEnabled": False, "DicomServerEnabled": True, "DicomAet": aet, "DicomPort": dicom,
+           "DicomCheckCalledAet": False, "DicomAlwaysAllowEcho": True, "DicomAlwaysAllowStore": False,
+           "DicomCheckModalityHost": True, "DicomModalities": modalities or {}, "StableAge": 1,
+           "UnknownSopClassAccepted": unknown_sop_accepted, "SynchronousCMove": True, "ConcurrentJobs": 2,
+           "Plugins": [ORTHANC_DICOMWEB],
+           "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
+                        "Host": f"127.0.0.1:{http}"}, **(extra or {})}
+    (tmp / "orthanc.json").write_text(_json.dumps(cfg))
+    log = tmp / "orthanc.log"
+    proc = subprocess.Popen([exe, str(tmp / "orthanc.json"), f"--logdir={tmp}"], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    srv = OrthancServer(http, dicom, proc, tmp, aet)
+    try:
+        wait_for(lambda: srv.rest("GET", "/system", timeout=1), 20, "Orthanc", proc, log)
+        yield srv
+    finally:
+        _stop(proc)

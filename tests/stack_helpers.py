@@ -61,11 +61,11 @@ def wait_until(check: Callable[[], Any], timeout: float, what: str, period: floa
     raise TimeoutError(f"{what}: not within {timeout:.0f} s")
 
 
-def start_stack(d: Path, env: dict[str, str] | None = None):
+def start_stack(d: Path, env: dict[str, str] | None = None, **kw: Any):
     from services.stack import LocalStack
 
     need_servers()
-    st = LocalStack(d, env={**FAKE_ENV, **(env or {})})
+    st = LocalStack(d, env={**FAKE_ENV, **(env or {})}, **kw)
     st.up()
     return st
 

@@ -280,3 +280,35 @@ def test_cache_mode_trains_reloads_predicts_and_resumes(la_dir, la_ids, tmp_path
     assert [h["loss"] for h in resumed.history] == losses
     b = read_artifact(tmp_path / "part")["delta"]
     assert all(torch.equal(art["delta"][k], b[k]) for k in b)
+
+
+def test_bf16_cache_mode_learns_resumes_exactly_and_predicts_close_to_fp32(la_dir, la_ids, tmp_path):
+    """finetune.precision bf16: encoder (cache) and decoder under autocast, fp32 delta, exact resume; the
+    pseudo-label forward in bf16 gives probabilities close to fp32 (same fine-tuned model)."""
+    from cfrseg.data.datasets import load_case
+    from cfrseg.stages.pseudolabel import predict_volume
+
+    m = la_manifest(la_dir, la_ids, 1)
+    cfg = FinetuneConfig(**dict(TINY, lora_rank=0, embedding_cache=1, iterations=6, lr=5e-3, precision="bf16"))
+    full = run_finetune(cfg, m, LocalStore(tmp_path / "full"))
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in full.history)
+    delta = read_artifact(tmp_path / "full")["delta"]
+    assert all(v.dtype == torch.float32 for v in delta.values() if v.is_floating_point())
+    stop = CancelAfter(3)
+    with pytest.raises(Cancelled):
+        run_finetune(cfg, m, LocalStore(tmp_path / "part"), progress=stop.progress, cancel=stop)
+    resumed = run_finetune(cfg.replace(resume=True), m, LocalStore(tmp_path / "part"))
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]
+    with pytest.raises(ConfigError, match="precision"):
+        run_finetune(cfg.replace(resume=True, precision="fp32", iterations=7), m, LocalStore(tmp_path / "part"))
+    fp32 = run_finetune(cfg.replace(precision="fp32", iterations=2, warmup_iterations=1), m,
+                        LocalStore(tmp_path / "fp32"))
+    assert fp32.history[0]["loss"] != full.history[0]["loss"]
+    sam = load_finetuned(tmp_path / "full")
+    img, _ = load_case(m.cases[0], m)
+    sub = img.array[:96, :96, :32]            # a part of the volume: the same path, less time
+    p32 = predict_volume(sam, sam.cfr_spec, sub, 2, batch_size=4)
+    p16 = predict_volume(sam, sam.cfr_spec, sub, 2, batch_size=4, precision="bf16")
+    assert p16.dtype == torch.float32 and (p16 - p32).abs().max() < 0.05 and not torch.equal(p16, p32)
+    with pytest.raises(ConfigError, match="precision"):
+        FinetuneConfig(**dict(TINY, precision="fp16"))

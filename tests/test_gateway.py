@@ -115,7 +115,7 @@ def test_segment_a_file_streams_the_label_back(client, done_run, data, tmp_path)
 
 def test_watch_reports_stage_progress(client, data):
     ds = client.create_dataset(data, labeled=1, name="watch", num_classes=2)
-    run = client.submit_run(ds.dataset_id)
+    run = client.submit_run(ds.dataset_id, profile="tiny")
     events = list(client.watch_run(run.run_id, timeout=120))
     stages = [e.progress.stage for e in events]
     assert stages[0] == "finetune" and "retrain" in stages
@@ -126,6 +126,7 @@ def test_watch_reports_stage_progress(client, data):
 def test_cancel_a_running_run(client, data):
     ds = client.create_dataset(data, labeled=2, name="cancel", num_classes=2)
     run = client.submit_run(ds.dataset_id)
+    assert run.profile == "lite"  # the server's default profile; a tiny run is only ever explicit
     r = client.cancel_run(run.run_id)
     assert state_name(r.state) in ("CANCELLING", "CANCELLED")
     final = client.wait_run(run.run_id, timeout=60)
@@ -170,7 +171,7 @@ def test_every_rpc_needs_the_token(stack, metadata):
                     list(r)
             assert ei.value.code() == C.UNAUTHENTICATED, (name, ei.value.code(), ei.value.details())
             names.append(name)
-    assert len(names) == 13  # every Gateway RPC
+    assert len(names) == 17  # every Gateway RPC (13 + 4 PACS RPCs)
 
 
 def test_stage_services_refuse_the_public_token(stack):

@@ -59,12 +59,14 @@ def finish(client, stack, run_id, timeout=150):
 
 
 def test_kill_stage_service_mid_stage(client, stack, dataset, tmp_path):
-    run = client.submit_run(dataset.dataset_id)
+    run = client.submit_run(dataset.dataset_id, profile="tiny")
     wait_until(lambda: stage_step(client, run.run_id, "pseudolabel") >= 2, 60, "pseudolabel at step 2")
     stack.kill("pseudolabel")
     time.sleep(1.0)
     stack.start("pseudolabel")
-    finish(client, stack, run.run_id)
+    r = finish(client, stack, run.run_id)
+    attempts = {s.stage: s.attempt for s in r.stages if s.stage != "evaluate"}
+    assert attempts == {"finetune": 1, "pseudolabel": 2, "retrain": 1}, r.stages  # as GetRun reports them
     pl = executions(client, run.run_id, "pseudolabel", tmp_path)
     assert len(pl) == 2 and pl[0]["start"] == 0 and pl[1]["start"] >= 2, pl  # resumed from its checkpoint
     for stage in ("finetune", "retrain"):
@@ -72,7 +74,7 @@ def test_kill_stage_service_mid_stage(client, stack, dataset, tmp_path):
 
 
 def test_kill_worker_redelivers_the_step(client, stack, dataset, tmp_path):
-    run = client.submit_run(dataset.dataset_id)
+    run = client.submit_run(dataset.dataset_id, profile="tiny")
     wait_until(lambda: stage_step(client, run.run_id, "finetune") >= 1, 60, "finetune running")
     stack.kill("worker")
     t0 = time.monotonic()
@@ -86,7 +88,7 @@ def test_kill_worker_redelivers_the_step(client, stack, dataset, tmp_path):
 
 def test_redis_restart_loses_no_run(client, stack, dataset, tmp_path):
     before = {r.run_id: state_name(r.state) for r in client.list_runs()}
-    run = client.submit_run(dataset.dataset_id)
+    run = client.submit_run(dataset.dataset_id, profile="tiny")
     wait_until(lambda: stage_step(client, run.run_id, "finetune") >= 1, 60, "finetune running")
     stack.kill("redis")
     stack.start("redis")

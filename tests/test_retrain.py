@@ -53,7 +53,12 @@ def _first_last(history, key, n=8):
 
 # ------------------------------------------------------------------------------------------------ config
 @pytest.mark.parametrize("bad, match", [
-    ({"ssl": "magicnet"}, "ssl must be one of"),
+    ({"ssl": "fixmatch"}, "ssl must be one of"),
+    ({"ssl": "magicnet", "network": "vnet_magic"}, "must be a V-Net"),
+    ({"ssl": "magicnet", "magic_grid": (2, 2, 2)}, "multiples of 16"),          # 16 / 2 = 8
+    ({"ssl": "magicnet", "magic_grid": (1, 1, 1)}, "at least 2 cubes"),
+    ({"ssl": "magicnet", "magic_transposed_recovery": True}, "equal x and z"),  # auto grid (2, 2, 1)
+    ({"ssl": "magicnet", "magic_blend_window": 0}, "magic_blend_window"),
     ({"iterations": 0}, "iterations must be an integer >= 1"),
     ({"patch": (30, 32, 16)}, "multiples of 16"),
     ({"zoom": (0.5, 0.5)}, "zoom"),
@@ -64,6 +69,8 @@ def _first_last(history, key, n=8):
     ({"pl_ramp": "linear"}, "pl_ramp"),
     ({"evaluate": "best"}, "evaluate"),
     ({"batch_unlabeled": 0}, "batch_unlabeled must be >= 1"),
+    ({"precision": "fp16"}, "precision must be one of"),
+    ({"precision": "bf16", "patch": (32, 32, 16)}, "needs patch x and y >= 48"),
 ])
 def test_bad_config_values(bad, match):
     with pytest.raises(ConfigError, match=match):
@@ -140,6 +147,32 @@ def test_resume_is_bit_exact_and_cancel_checkpoints(la2_pl, tmp_path):
     a, b = load_checkpoint(straight), load_checkpoint(crashed)
     assert _same_weights(a["student"], b["student"]) and _same_weights(a["teacher"], b["teacher"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+@pytest.mark.la
+def test_bf16_training_learns_resumes_exactly_and_differs_from_fp32(la2_pl, tmp_path):
+    """bf16 autocast: fp32 master weights, finite losses, exact resume; not silently the fp32 run."""
+    cfg = _cfg(ssl="mt", iterations=8, precision="bf16", patch=(48, 48, 16),
+               infer={"patch": (48, 48, 16), "stride": (24, 24, 8), "batch_size": 8})
+    straight = LocalStore(tmp_path / "a")
+    run_retrain(cfg, la2_pl, straight)
+    crashed = LocalStore(tmp_path / "b")
+    with pytest.raises(Cancelled):
+        run_retrain(cfg, la2_pl, crashed, cancel=_CancelAfter(3))
+    run_retrain(cfg.replace(resume=True), la2_pl, crashed)
+    a, b = load_checkpoint(straight), load_checkpoint(crashed)
+    assert all(v.dtype == torch.float32 for k, v in a["student"].items() if v.is_floating_point())
+    assert _same_weights(a["student"], b["student"]) and _same_weights(a["teacher"], b["teacher"])
+    assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+    assert all(np.isfinite(h["loss"]) for h in a["history"])
+    fp32 = LocalStore(tmp_path / "c")
+    run_retrain(cfg.replace(precision="fp32"), la2_pl, fp32)
+    c = load_checkpoint(fp32)
+    assert not _same_weights(a["student"], c["student"])
+    # the two runs stay close: same data, same seed, only rounding differs
+    assert abs(a["history"][0]["loss"] - c["history"][0]["loss"]) < 0.05
+    with pytest.raises(ConfigError, match="precision"):
+        run_retrain(cfg.replace(resume=True, precision="fp32"), la2_pl, crashed)
 
 
 @pytest.mark.la

@@ -32,9 +32,14 @@ def test_forward_shape_deterministic_and_head_init(name):
     m = CfrSam(base, k, spec.pixel_mean, spec.pixel_std, {"name": name}).eval()
     s = m.image_size
     assert m.mask_decoder.mask_tokens.weight.shape[0] == k and len(m.mask_decoder.output_hypernetworks_mlps) == k
-    for c in range(k):
-        assert torch.equal(m.mask_decoder.mask_tokens.weight[c], old_tokens[c % 4])
-        assert torch.equal(m.mask_decoder.output_hypernetworks_mlps[c].layers[0].weight, old_mlp[c % 4])
+    assert m.info["head_init"] == [0, 1, 2, 3, "1~2@0.5", "1~3@0.5"]
+    for c in range(4):
+        assert torch.equal(m.mask_decoder.mask_tokens.weight[c], old_tokens[c])
+        assert torch.equal(m.mask_decoder.output_hypernetworks_mlps[c].layers[0].weight, old_mlp[c])
+    for c, (a, b) in ((4, (1, 2)), (5, (1, 3))):   # classes beyond the 4 tokens: midpoints of two of them
+        torch.testing.assert_close(m.mask_decoder.mask_tokens.weight[c], 0.5 * (old_tokens[a] + old_tokens[b]))
+        torch.testing.assert_close(m.mask_decoder.output_hypernetworks_mlps[c].layers[0].weight,
+                                   0.5 * (old_mlp[a] + old_mlp[b]))
     assert not any(p.requires_grad for p in m.mask_decoder.iou_prediction_head.parameters())
     x = torch.rand(2, 3, s, s)
     with torch.no_grad():
@@ -136,5 +141,23 @@ def test_negated_head_init_gives_opposite_logits(name):
     assert abs(float(ce) - math.log(2)) < 0.1
     m3 = build_sam(name, 4, head_init="negated")
     assert m3.info["head_init"] == [-1, 1, 2, 3]
+    m14 = build_sam(name, 14, head_init="negated")
+    assert m14.info["head_init"][:5] == [-1, 1, 2, 3, "1~2@0.5"] and len(set(map(str, m14.info["head_init"]))) == 14
     with pytest.raises(ConfigError):
         build_sam(name, 2, head_init="nope")
+
+
+@pytest.mark.parametrize("init", ["pretrained", "negated"])
+@pytest.mark.parametrize("k", [5, 14])
+def test_every_class_starts_with_its_own_logits(init, k):
+    """For any K no two classes share a token and MLP, so no two start with identical logits (copies cycling
+    over the 4 pretrained tokens made classes c and c + 3 or c + 4 identical)."""
+    torch.manual_seed(0)
+    m = build_sam("tiny_lite", k, head_init=init).eval()
+    x = torch.rand(2, 3, m.image_size, m.image_size)
+    with torch.no_grad():
+        logits = m(x)
+    scale = float(logits.abs().mean())
+    for i in range(k):
+        for j in range(i + 1, k):
+            assert float((logits[:, i] - logits[:, j]).abs().max()) > 0.05 * scale, (i, j)

@@ -57,12 +57,12 @@ def test_bad_options() -> None:
 
 
 def test_registry() -> None:
-    assert set(NETWORKS) == {"vnet", "tiny"}
+    assert set(NETWORKS) == {"vnet", "tiny", "vnet_magic"}
     tiny = build_network("tiny", 1, 3)
     assert isinstance(tiny, VNet) and tiny.n_filters == 2 and tiny.num_classes == 3
     assert build_network("vnet", 1, 2, n_filters=8).n_filters == 8
     assert build_network("vnet", 1, 2).n_filters == 16
-    with pytest.raises(ConfigError, match=r"unknown network 'unet'.*\['tiny', 'vnet'\]"):
+    with pytest.raises(ConfigError, match=r"unknown network 'unet'.*\['tiny', 'vnet', 'vnet_magic'\]"):
         build_network("unet", 1, 2)
     with pytest.raises(ConfigError, match="n_filter"):
         build_network("vnet", 1, 2, n_filter=8)

@@ -61,6 +61,7 @@ def test_fetch_hash_mismatch_and_unknown(fake, monkeypatch, tmp_path):
 
 
 def test_download_failure_is_not_found(monkeypatch, tmp_path):
+    monkeypatch.setenv("CFRSEG_CACHE", str(tmp_path / "empty-home"))  # no verified copy to take instead
     monkeypatch.setattr(weights.subprocess, "run",
                         lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "no network"))
     with pytest.raises(NotFoundError, match="no network"):

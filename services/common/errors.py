@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterator, TypeVar
 import grpc
 
 from cfrseg.errors import Cancelled, CfrsegError, ConfigError, InputError, NotFoundError
+from services.common.retry import StoreUnavailable, is_transient
 
 log = logging.getLogger("cfrseg.services")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,12 +44,20 @@ def new_error_id() -> str:
 
 
 def status_of(exc: BaseException, where: str = "") -> tuple[grpc.StatusCode, str, str]:
-    """(code, message, error_id) for ``exc``; error_id is "" unless the error was unexpected (then it is logged)."""
+    """(code, message, error_id) for ``exc``; error_id is "" unless the error was unexpected (then it is logged).
+
+    Transient dependency errors (object store or Redis unreachable, S3 5xx; see :mod:`services.common.retry`)
+    are UNAVAILABLE, which callers retry with backoff, not INTERNAL."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.message, ""
     for cls, code in _CODES:
         if isinstance(exc, cls):
             return code, str(exc), ""
+    if is_transient(exc):
+        msg = str(exc) if isinstance(exc, StoreUnavailable) else \
+            f"a dependency (object store or Redis) is unavailable ({type(exc).__name__}); retry later"
+        log.warning("unavailable in %s: %s", where or "?", (str(exc).splitlines() or [""])[0][:300])
+        return grpc.StatusCode.UNAVAILABLE, msg, ""
     eid = new_error_id()
     log.error("internal error %s in %s: %r", eid, where or "?", exc, exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error (id {eid}); see the service log", eid

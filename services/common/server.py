@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
 from services.common.auth import BearerAuthInterceptor, client_auth
-from services.common.health import HealthMonitor
+from services.common.health import NOT_SERVING, HealthMonitor
 from services.common.limits import StreamLimiter
 from services.common.settings import Settings
 from services.common.status import StatusServicer
@@ -92,6 +92,8 @@ class Server:
         self._on_stop.append(fn)
 
     def start(self) -> None:
+        for name in self.monitor.names:  # not SERVING before the first round of checks has passed
+            self.health.set(name, NOT_SERVING)
         self.grpc.start()
         self.monitor.start()  # SERVING when every registered check passes (no checks: SERVING)
         mode = "plaintext"

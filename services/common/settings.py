@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping
@@ -14,6 +15,7 @@ from typing import Mapping
 from cfrseg.errors import ConfigError
 
 log = logging.getLogger("cfrseg.services.settings")
+DEVICE_RE = re.compile(r"^(|auto|cpu|cuda|cuda:\d+)$")
 
 
 def _read_secret(env: Mapping[str, str], name: str) -> str:
@@ -91,9 +93,18 @@ class Settings:
     workdir: str = "/tmp/cfrseg-work"       # CFRSEG_WORKDIR: local copies of inputs
     stage_impl: str = ""                    # CFRSEG_STAGE_IMPL=module:function (default: the core stage)
     segment_impl: str = ""                  # CFRSEG_SEGMENT_IMPL=module:function (retrain's Segment)
-    device: str = ""                        # CFRSEG_DEVICE: overrides the configs' "device" ("" = keep)
+    device: str = ""                        # CFRSEG_DEVICE: cuda (-> cuda:CFRSEG_GPU), cuda:N, cpu, auto; "" = keep
     # addresses of the stage services (gateway, worker)
     addrs: dict[str, str] = field(default_factory=dict)  # CFRSEG_{FINETUNE,PSEUDOLABEL,RETRAIN}_ADDR
+    # devices, weights, retries (docs/services.md, "Weights and devices", "Reliability")
+    gpu: int = 0                            # CFRSEG_GPU: the CUDA index this service uses with CFRSEG_DEVICE=cuda
+    lock_dir: str = ""                      # CFRSEG_LOCK_DIR: per-device lock files shared by the GPU services
+    gpu_wait_s: float = 30.0                # CFRSEG_GPU_WAIT_S: Segment's wait for a busy device
+    weights_dir: str = ""                   # CFRSEG_CACHE: weights folder ("" = ~/.cache/cfrseg/weights)
+    default_profile: str = "lite"           # CFRSEG_DEFAULT_PROFILE: the gateway's default profile
+    required_weights: str = "auto"          # CFRSEG_REQUIRED_WEIGHTS: auto (the default profile's) | none | a,b
+    s3_retry_s: float = 5.0                 # CFRSEG_S3_RETRY_S: retry budget of one S3 call in an RPC
+    s3_job_retry_s: float = 300.0           # CFRSEG_S3_JOB_RETRY_S: the same inside a running stage job
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides) -> "Settings":
@@ -140,6 +151,14 @@ class Settings:
             device=e.get("CFRSEG_DEVICE", ""),
             addrs={s: e[f"CFRSEG_{s.upper()}_ADDR"] for s in ("finetune", "pseudolabel", "retrain", "gateway")
                    if e.get(f"CFRSEG_{s.upper()}_ADDR")},
+            gpu=int(_num(e, "CFRSEG_GPU", cls.gpu)),
+            lock_dir=e.get("CFRSEG_LOCK_DIR", ""),
+            gpu_wait_s=_num(e, "CFRSEG_GPU_WAIT_S", cls.gpu_wait_s),
+            weights_dir=e.get("CFRSEG_CACHE", ""),
+            default_profile=e.get("CFRSEG_DEFAULT_PROFILE", cls.default_profile).strip() or cls.default_profile,
+            required_weights=e.get("CFRSEG_REQUIRED_WEIGHTS", cls.required_weights).strip() or "auto",
+            s3_retry_s=_num(e, "CFRSEG_S3_RETRY_S", cls.s3_retry_s),
+            s3_job_retry_s=_num(e, "CFRSEG_S3_JOB_RETRY_S", cls.s3_job_retry_s),
         )
         s = replace(s, **overrides)
         s.validate()
@@ -166,6 +185,19 @@ class Settings:
                               "CFRSEG_MAX_WATCHES_PER_CLIENT >= 1")
         if self.keepalive_s < 1 or self.health_interval_s <= 0:
             raise ConfigError("CFRSEG_KEEPALIVE_S must be >= 1 and CFRSEG_HEALTH_INTERVAL_S > 0")
+        if not DEVICE_RE.match(self.device.strip().lower()):
+            raise ConfigError(f"CFRSEG_DEVICE={self.device!r}: expected cuda, cuda:N, cpu, auto or empty")
+        if self.gpu < 0:
+            raise ConfigError(f"CFRSEG_GPU={self.gpu}: expected a device index >= 0")
+        if self.gpu_wait_s < 0 or self.s3_retry_s < 0 or self.s3_job_retry_s < 0:
+            raise ConfigError("CFRSEG_GPU_WAIT_S, CFRSEG_S3_RETRY_S and CFRSEG_S3_JOB_RETRY_S must be >= 0")
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights folder: CFRSEG_CACHE, else the core's default cache (~/.cache/cfrseg/weights)."""
+        from cfrseg.sam.weights import default_cache_dir
+
+        return Path(self.weights_dir).expanduser() if self.weights_dir else default_cache_dir()
 
     @property
     def tls(self) -> bool:

@@ -10,6 +10,10 @@ Semantics (see docs/services.md):
 - The job runs in a background thread with an S3-backed store at ``runs/{run_id}/{stage}/``. Its record lives
   in the JobStore (Redis + ``runs/{run_id}/jobs/{stage}.json``).
 - SIGTERM: the running job is asked to stop (it checkpoints) and stays RUNNING, to be resumed on the next Start.
+- Preconditions, checked at Start (FAILED_PRECONDITION, the run fails at once with the reason): the device asked
+  for (CFRSEG_DEVICE) is usable, and the weights the job needs are in the weights folder (services/common/weights.py).
+- One job per device across processes: the job thread waits for the device lock (services/common/device.py) as
+  PENDING with a "waiting for GPU n" message, and frees the allocator cache when it ends.
 """
 
 from __future__ import annotations
@@ -23,9 +27,10 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import grpc
 
@@ -34,11 +39,14 @@ from cfrseg.errors import Cancelled, ConfigError
 from cfrseg.progress import ProgressEvent
 from cfrseg.store import Store, check_key
 from services.common import convert
+from services.common.device import DeviceLock, check_cuda, cuda_index, release_memory, service_device
 from services.common.errors import ServiceError, status_of, stream, unary
 from services.common.inputs import load_manifest, localize
-from services.common.jobstore import JobStore, job_record_key
+from services.common.jobstore import SEQ, JobStore, job_record_key
+from services.common.retry import is_transient
 from services.common.s3store import S3Store
 from services.common.settings import Settings
+from services.common.weights import WeightsDir, job_needs, required
 from services.gen.cfrseg.v1 import common_pb2 as pb
 
 log = logging.getLogger("cfrseg.services.stage")
@@ -60,7 +68,8 @@ class StageContext:
     workdir: Path                   # local scratch for this run and stage
     progress: Callable[[ProgressEvent], None]
     cancel: threading.Event
-    device: str = ""                # CFRSEG_DEVICE ("" = keep the config's)
+    device: str = ""                # the service's device (CFRSEG_DEVICE resolved: cuda:N, cpu; "" = the config's)
+    weights: Path | None = None     # the weights folder (CFRSEG_CACHE), for default base checkpoints
 
 
 StageImpl = Callable[[StageContext], Any]
@@ -120,6 +129,8 @@ class Job:
         self.interrupted = False     # stopping for a shutdown, not a user cancel
         self.thread: threading.Thread | None = None
         self.last_persist = 0.0
+        self.dirty = False           # its last forced write failed (S3 down): written again on the next Start/Get
+        self.lock: Any = None        # the device lock it holds (services.common.device.DeviceLock)
 
     @property
     def run_id(self) -> str:
@@ -164,6 +175,43 @@ class StageServicer:
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}     # jobs started by this process (finished ones stay for Watch)
         self._busy: Job | None = None
+        # a running job's store retries S3 for longer than an RPC does: a stage rides out an S3 restart
+        self.job_store = store.with_retry(settings.s3_job_retry_s) if hasattr(store, "with_retry") else store
+        self.weights = WeightsDir(settings.weights_path)
+        self.required = required(stage, settings.required_weights, settings.default_profile)
+        self.device, self._device_problem = service_device(settings.device, settings.gpu)
+        self.lock_name = DeviceLock(self.device or "cpu").name
+        log.info("%s service: device %s (lock %s%s), weights %s (required: %s)", stage, self.device or "per config",
+                 self.lock_name, f" in {settings.lock_dir}" if settings.lock_dir else ", in-process only",
+                 self.weights.path, ", ".join(self.required) or "none")
+
+    def new_device_lock(self) -> DeviceLock:
+        """A lock object for one acquisition of this service's device (locks are shared by name)."""
+        return DeviceLock(self.device or "cpu", self.settings.lock_dir, name=self.lock_name)
+
+    # ---- health checks (registered with server.monitor by stage_main) ----
+    def device_check(self) -> str | None:
+        """None when the configured device is usable (re-checked every round for a GPU, except while a job of
+        this service runs on it: the job proves it works, and a test allocation could fail on a full GPU)."""
+        idx = cuda_index(self.device)
+        if idx is not None and self._busy is None:
+            self._device_problem = check_cuda(idx)
+        return self._device_problem
+
+    def weights_check(self) -> str | None:
+        """None when every required weight is present with its sha256."""
+        return self.weights.problems(self.required)
+
+    def _preconditions(self, req: pb.StartStageRequest) -> None:
+        """FAILED_PRECONDITION when the device is unusable or a weight this job needs is missing or wrong."""
+        if self._device_problem:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"{self.stage} service: {self._device_problem}")
+        cfg = json.loads(req.config_json or "{}")
+        inputs = {k: self.store.sub(v) for k, v in req.inputs.items()}
+        problem = self.weights.problems(job_needs(self.stage, cfg, inputs))
+        if problem:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{self.stage} service: {problem}")
 
     # ---- helpers ----
     def _key(self, run_id: str) -> str:
@@ -178,6 +226,8 @@ class StageServicer:
     def _record(self, run_id: str) -> dict[str, Any]:
         job = self._jobs.get(run_id)
         if job is not None:
+            if job.dirty:
+                self._persist(job)
             with job.cond:
                 return dict(job.rec)
         rec = self.jobs.find(self._key(self._check_run_id(run_id)))
@@ -186,17 +236,32 @@ class StageServicer:
         return rec
 
     def _persist(self, job: Job, force: bool = False) -> None:
+        """Write the job's record (every PERSIST_EVERY_S, or now with ``force``). Progress writes are best effort;
+        forced ones retry transient errors for the job's S3 budget, then raise (and the job stays ``dirty``:
+        the next Start or Get writes it again)."""
         now = time.monotonic()
-        if force or now - job.last_persist >= PERSIST_EVERY_S:
-            job.last_persist = now
+        if not (force or job.dirty or now - job.last_persist >= PERSIST_EVERY_S):
+            return
+        job.last_persist = now
+        deadline = now + (self.settings.s3_job_retry_s if force else 0.0)
+        while True:
             with job.cond:
                 rec = dict(job.rec)
             try:
                 self.jobs.put(self._key(job.run_id), rec)
-            except Exception:  # noqa: BLE001  (progress persistence is best effort; the final put is not)
+                with job.cond:
+                    job.rec[SEQ] = rec[SEQ]
+                job.dirty = False
+                return
+            except Exception as e:
+                if force and is_transient(e) and time.monotonic() < deadline:
+                    time.sleep(1.0)
+                    continue
+                job.dirty = job.dirty or force
                 if force:
                     raise
-                log.warning("could not persist progress of %s", job.run_id, exc_info=True)
+                log.warning("could not persist progress of %s: %s", job.run_id, e)
+                return
 
     # ---- RPCs ----
     @unary
@@ -205,10 +270,12 @@ class StageServicer:
         fp = fingerprint(req)
         if not req.manifest.key:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "manifest.key is required")
-        for name, prefix in req.inputs.items():
+        for prefix in req.inputs.values():
             check_key(prefix.rstrip("/"))
         with self._lock:
             job = self._jobs.get(run_id)
+            if job is not None and job.dirty:
+                self._persist(job)  # its last state could not be written (S3 was down): try again now
             rec = dict(job.rec) if job is not None else self.jobs.find(self._key(run_id))
             if rec is not None and rec.get("fingerprint") != fp:
                 raise ServiceError(grpc.StatusCode.ALREADY_EXISTS,
@@ -217,6 +284,7 @@ class StageServicer:
             if rec is not None and (running_here or rec["state"] == "SUCCEEDED"
                                     or (rec["state"] in ("FAILED", "CANCELLED") and not req.retry)):
                 return convert.stage_job(rec)
+            self._preconditions(req)
             if self._busy is not None:
                 raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"{self.stage} device busy with run {self._busy.run_id!r}; retry later")
@@ -287,19 +355,34 @@ class StageServicer:
             return convert.stage_job(rec)
 
     # ---- the job thread ----
+    def _wait_for_device(self, job: Job) -> None:
+        """Take the device lock (one job per device across processes), PENDING with a message while waiting;
+        Cancelled when the job is cancelled or the service stops meanwhile."""
+        def waiting(msg: str) -> None:
+            job.publish(state="PENDING", message=msg)
+            self._persist(job)
+
+        holder = {"service": self.stage, "run_id": job.run_id, "what": "job"}
+        lock = self.new_device_lock()
+        if not lock.acquire(holder, should_stop=job.cancel.is_set, on_wait=waiting):
+            raise Cancelled(f"{self.stage} job {job.run_id} stopped while waiting for the device")
+        job.lock = lock
+
     def _run(self, job: Job, req: pb.StartStageRequest) -> None:
         run_id = job.run_id
         try:
             work = self.workdir / run_id / self.stage
-            manifest = localize(load_manifest(self.store, req.manifest.key, req.manifest.sha256), self.store,
+            store = self.job_store
+            manifest = localize(load_manifest(store, req.manifest.key, req.manifest.sha256), store,
                                 self.workdir / "objects")
             ctx = StageContext(
                 run_id=run_id, stage=self.stage, config=json.loads(req.config_json or "{}"), manifest=manifest,
-                store=self.store.sub(f"runs/{run_id}/{self.stage}"),
-                inputs={k: self.store.sub(v) for k, v in req.inputs.items()},
+                store=store.sub(f"runs/{run_id}/{self.stage}"),
+                inputs={k: store.sub(v) for k, v in req.inputs.items()},
                 workdir=work, progress=lambda ev: self._on_progress(job, ev), cancel=job.cancel,
-                device=self.settings.device)
+                device=self.device, weights=self.weights.path)
             work.mkdir(parents=True, exist_ok=True)
+            self._wait_for_device(job)
             job.publish(state="RUNNING", message="running")
             self._persist(job, force=True)
             result = self.impl(ctx)
@@ -321,13 +404,25 @@ class StageServicer:
                 job.rec["error"] = {"code": code.name, "message": msg, "error_id": eid, "stage": self.stage}
             log.warning("%s job %s failed: %s %s", self.stage, run_id, code.name, msg)
             self._finish(job, "FAILED", msg)
+        finally:
+            self._release_device(job)
+
+    def _release_device(self, job: Job) -> None:
+        """Free the allocator cache, then the device lock (idempotent)."""
+        lock, job.lock = job.lock, None
+        if lock is not None:
+            try:
+                release_memory()
+            finally:
+                lock.release()
 
     def _finish(self, job: Job, state: str, message: str, final: bool = True) -> None:
+        self._release_device(job)
         with job.cond:
             job.rec.update(state=state, message=message, finished=time.time() if final else None)
         try:
             self._persist(job, force=True)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("could not record the end of %s job %s", self.stage, job.run_id)
         with self._lock:
             if self._busy is job:

@@ -27,6 +27,10 @@ def build(stage: str, service_name: str, add_to_server: Callable[[Any, Any], Non
     servicer.Watch = limit_stream(servicer.Watch, server.watches)  # type: ignore[method-assign]
     register_common(server.monitor, settings)  # S3 and Redis reachable (weights/GPU: the stage's own checks)
     add_to_server(servicer, server.grpc)
+    # NOT_SERVING, with the reason in the log and the health status, when the device asked for is unusable or a
+    # required weight is missing or wrong (docs/services.md, "Weights and devices")
+    server.monitor.add_check("device", servicer.device_check)
+    server.monitor.add_check("weights", servicer.weights_check)
     server.on_stop(servicer.shutdown)
     return server, servicer
 

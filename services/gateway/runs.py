@@ -33,7 +33,7 @@ from services.orchestrator.records import (
 )
 
 SECTIONS = ("data", "finetune", "pseudolabel", "retrain", "infer", "pipeline")
-SSL_METHODS = ("none", "mt", "st", "uamt", "acmt")
+SSL_METHODS = ("none", "mt", "st", "uamt", "acmt", "magicnet")  # = cfrseg.ssl.methods.METHODS (tested)
 DEFAULT_PAGE = 50
 
 
@@ -102,7 +102,8 @@ def to_run(rec: Record) -> gateway_pb2.Run:
         st = rec["stages"][s]
         m = gateway_pb2.StageStatus(stage=s, state=convert.stage_state(st["state"]), step=int(st["step"]),
                                     total=int(st["total"]), losses=_finite(st.get("losses")),
-                                    started=convert.ts(st.get("started")), finished=convert.ts(st.get("finished")))
+                                    started=convert.ts(st.get("started")), finished=convert.ts(st.get("finished")),
+                                    attempt=int(st.get("attempt") or 0))
         if st.get("eta_s") is not None:
             m.eta_s = float(st["eta_s"])
         stages.append(m)
@@ -159,11 +160,14 @@ def page(items: list, page_size: int, token: str) -> tuple[list, str]:
 
 class Runs:
     def __init__(self, store: S3Store, jobs: JobStore, datasets: Datasets,
-                 enqueue: Callable[[str, str, float], None]) -> None:
+                 enqueue: Callable[[str, str, float], None], default_profile: str = "lite") -> None:
+        if default_profile not in PROFILES:
+            raise InputError(f"CFRSEG_DEFAULT_PROFILE={default_profile!r}: choose one of {list(PROFILES)}")
         self.store = store
         self.jobs = jobs
         self.datasets = datasets
         self.enqueue = enqueue
+        self.default_profile = default_profile  # a run without a profile gets it (tiny only when asked for)
 
     def get(self, run_id: str) -> Record:
         try:
@@ -199,7 +203,7 @@ class Runs:
         manifest = self.datasets.manifest(req.dataset_id)
         if len(req.name) > 128:
             raise InputError("run name must be at most 128 characters")
-        profile = req.profile or "tiny"
+        profile = req.profile or self.default_profile
         ssl_method = req.ssl_method or "mt"
         configs = resolve_configs(profile, ssl_method, req.config_overrides_json)
         labeled = _select(req.labeled_case_ids, [c.case_id for c in manifest.labeled], "labeled", manifest)

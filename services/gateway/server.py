@@ -43,12 +43,16 @@ def build(settings: Settings) -> tuple[Server, GatewayServicer]:
     def kick(run_id: str, token: str, countdown: float) -> None:
         enqueue(run_id, token, countdown)
 
-    runs = Runs(store, jobs, datasets, kick)
+    runs = Runs(store, jobs, datasets, kick, default_profile=settings.default_profile)
     retrain_addr = settings.addrs.get("retrain", "")
     if not retrain_addr:
         raise SystemExit("set CFRSEG_RETRAIN_ADDR (the retrain service, for Segment)")
     retrain = retrain_pb2_grpc.RetrainServiceStub(internal_channel(retrain_addr, settings))
-    servicer = GatewayServicer(store, uploads, datasets, runs, retrain)
+    from services.gateway.pacs import PacsApi
+    from services.pacs.config import PacsConfig
+
+    pacs = PacsApi(store, jobs, PacsConfig.from_env(), settings.workdir)  # CFRSEG_PACS_CONFIG (optional)
+    servicer = GatewayServicer(store, uploads, datasets, runs, retrain, pacs)
     server = Server(settings, tokens=settings.tokens, service_names=[SERVICE], name="gateway")
     servicer.WatchRun = limit_stream(servicer.WatchRun, server.watches)  # type: ignore[method-assign]
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server.grpc)

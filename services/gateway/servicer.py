@@ -17,9 +17,10 @@ from cfrseg.store import check_key
 from services.common.errors import ServiceError, stream, unary
 from services.common.s3store import S3Store
 from services.gateway.datasets import Datasets
+from services.gateway.pacs import to_job
 from services.gateway.runs import Runs, page, to_event, to_model, to_run
 from services.gateway.uploads import Uploads, check_header, receive_chunks
-from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrain_pb2
+from services.gen.cfrseg.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, pacs_pb2, retrain_pb2
 from services.orchestrator.records import FINAL_STATES, check_id
 
 log = logging.getLogger("cfrseg.gateway")
@@ -31,12 +32,14 @@ CONTENT_TYPES = {".json": "application/json", ".md": "text/markdown", ".png": "i
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, store: S3Store, uploads: Uploads, datasets: Datasets, runs: Runs, retrain: Any) -> None:
+    def __init__(self, store: S3Store, uploads: Uploads, datasets: Datasets, runs: Runs, retrain: Any,
+                 pacs: Any = None) -> None:
         self.store = store
         self.uploads = uploads
         self.datasets = datasets
         self.runs = runs
         self.retrain = retrain  # RetrainService stub (Segment)
+        self.pacs = pacs        # services.gateway.pacs.PacsApi (PACS jobs, pull mode, model classes)
 
     # ---- uploads and datasets ----
     @unary
@@ -103,7 +106,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def ListModels(self, request, context):
         recs = [r for r in self.runs.all() if r["state"] == "SUCCEEDED" and r.get("model_id")]
         items, nxt = page(recs, request.page_size, request.page_token)
-        return gateway_pb2.ListModelsResponse(models=[to_model(r) for r in items], next_page_token=nxt)
+        models = [to_model(r) for r in items]
+        if self.pacs is not None:
+            for m in models:
+                m.classes.extend(self.pacs.model_classes(m.model_id))
+        return gateway_pb2.ListModelsResponse(models=models, next_page_token=nxt)
 
     def _model_run(self, model_id: str) -> dict:
         check_id(model_id, "model id")
@@ -184,6 +191,24 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             content_type=CONTENT_TYPES.get(ext, "application/octet-stream")))
         for chunk in self.store.iter_chunks(key):
             yield gateway_pb2.DownloadChunk(chunk=chunk)
+
+    # ---- PACS (services/gateway/pacs.py) ----
+    @unary
+    def ListPacsJobs(self, request, context):
+        items, nxt = page(self.pacs.list(request), request.page_size, request.page_token)
+        return pacs_pb2.ListPacsJobsResponse(jobs=[to_job(r) for r in items], next_page_token=nxt)
+
+    @unary
+    def GetPacsJob(self, request, context):
+        return to_job(self.pacs.get(request.job_id))
+
+    @unary
+    def RetryPacsJob(self, request, context):
+        return to_job(self.pacs.retry(request.job_id, request.force))
+
+    @unary
+    def SegmentStudy(self, request, context):
+        return self.pacs.segment_study(request)
 
 
 def _only_chunks(messages: Iterator, filename: str) -> Iterator:

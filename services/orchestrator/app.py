@@ -24,7 +24,8 @@ def make_app(broker: str | None = None, backend: str | None = None, visibility_t
         or "redis://127.0.0.1:6379/0"
     backend = backend or os.environ.get("CFRSEG_RESULT_BACKEND") or broker
     vt = float(visibility_timeout_s or os.environ.get("CFRSEG_VISIBILITY_TIMEOUT_S", "15"))
-    app = Celery("cfrseg", broker=broker, backend=backend, include=["services.orchestrator.tasks"])
+    app = Celery("cfrseg", broker=broker, backend=backend,
+                 include=["services.orchestrator.tasks", "services.pacs.tasks"])  # + PACS job steps
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -30,6 +30,8 @@ log = logging.getLogger("cfrseg.orchestrator")
 STAGE_STATE = {v: k.removeprefix("STAGE_STATE_") for k, v in common_pb2.StageState.items()}
 WAIT_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RETRYABLE_FAILURES = ("INTERNAL", "UNKNOWN", "UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED")
+#: a stage job that failed on an unreachable dependency (S3, Redis): resumed without using up max_stage_retries
+TRANSIENT_FAILURES = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Env:
     max_backoff_s: float = 10.0
     unavailable_limit_s: float = 600.0           # a stage service down longer than this fails the run
     max_stage_retries: int = 2                   # resumes of a FAILED stage (from its checkpoint)
+    max_transient_retries: int = 20              # resumes of a stage that FAILED with UNAVAILABLE (S3 down)
     tmp_dir: str | None = None
     clock: Any = field(default=time.time)
 
@@ -142,6 +145,12 @@ def _service_step(rec: Record, env: Env, stage: str) -> float | None:
     if st["state"] in ("FAILED", "CANCELLED"):
         err = job.error
         code = err.code or ("CANCELLED" if st["state"] == "CANCELLED" else "INTERNAL")
+        if code in TRANSIENT_FAILURES and st.get("transient_retries", 0) < env.max_transient_retries:
+            st["transient_retries"] = st.get("transient_retries", 0) + 1
+            st["retry"] = True  # a dependency was down: resume from the checkpoint once it answers again
+            st["message"] = f"{stage} interrupted ({code}: {err.message}); resuming, " \
+                            f"transient retry {st['transient_retries']}/{env.max_transient_retries}"
+            return _backoff(rec, env)
         if code in RETRYABLE_FAILURES and st["retries"] < env.max_stage_retries:
             st["retries"] += 1
             st["retry"] = True  # the next Start resumes the job from its checkpoint
@@ -177,21 +186,40 @@ def _evaluate_step(rec: Record, env: Env) -> float | None:
     st["started"] = st["started"] or _now(env)
     if not todo:
         return _finish_evaluation(rec, env)
-    case = _manifest_case(rec, env, todo[0])
+    try:
+        case = _manifest_case(rec, env, todo[0])
+    except Exception as e:  # noqa: BLE001
+        return _store_wait(rec, env, e)
     try:
         resp = env.stubs["retrain"].Segment(retrain_pb2.SegmentVolumeRequest(
             model_id=rec["run_id"], volume=common_pb2.ObjectRef(key=case["image"])),
             timeout=env.segment_timeout_s)
     except grpc.RpcError as e:
-        if e.code() in WAIT_CODES or e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:  # the device is busy (another job): no time limit
+            st["message"] = f"waiting for the retrain device: {e.details()}"
+            return _backoff(rec, env)
+        if e.code() in WAIT_CODES:
             return _unavailable(rec, env, "evaluate", e)
         _fail(rec, env, e.code().name, f"evaluate: case {case['case_id']!r}: {e.details()}", "evaluate")
         return None
     rec.pop("unavailable_since", None)
-    done[case["case_id"]] = _score(env, rec, case, resp.label.key)
+    try:
+        done[case["case_id"]] = _score(env, rec, case, resp.label.key)
+    except Exception as e:  # noqa: BLE001
+        return _store_wait(rec, env, e)
     st["step"] = len(done)
     st["message"] = f"evaluated {case['case_id']}"
     return 0.0
+
+
+def _store_wait(rec: Record, env: Env, e: Exception) -> float:
+    """The object store failed transiently inside the worker's own work: wait with backoff (other errors raise)."""
+    from services.common.retry import is_transient
+
+    if not is_transient(e):
+        raise e
+    rec["stages"]["evaluate"]["message"] = f"waiting for the object store ({type(e).__name__})"
+    return _backoff(rec, env)
 
 
 def _manifest_case(rec: Record, env: Env, case_id: str) -> dict[str, Any]:

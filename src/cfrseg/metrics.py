@@ -18,7 +18,8 @@ summary over cases. Pure functions; the conventions are written down in docs/met
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -157,6 +158,16 @@ def _fmt(v: float, digits: int) -> str:
     return "nan" if v is None or math.isnan(v) else f"{v:.{digits}f}"
 
 
+def class_label(c: int, class_names: Mapping[int, str] | Sequence[str] | None = None) -> str:
+    """Display name of class ``c``: ``class_names`` is a mapping class -> name or a sequence of the foreground
+    names (index ``c - 1``); ``"class c"`` when not given."""
+    if class_names is None:
+        return f"class {c}"
+    if isinstance(class_names, Mapping):
+        return str(class_names.get(c, f"class {c}"))
+    return str(class_names[c - 1]) if 0 < c <= len(class_names) else f"class {c}"
+
+
 def format_table(
     summary: Mapping[str, Any],
     class_names: Mapping[int, str] | Sequence[str] | None = None,
@@ -164,16 +175,13 @@ def format_table(
     digits: int = 4,
 ) -> str:
     """A plain-text table for the CLI: optional per-case rows (``cases``: case id -> compute_case result),
-    then one "mean ± std" row per class, then the NaN counts. ``class_names``: names of the foreground
-    classes, a sequence indexed by ``class - 1`` or a mapping class -> name."""
+    then one "mean ± std" row per class, with more than one foreground class a "mean over classes" row
+    (``class_mean``), then the NaN counts. ``class_names``: names of the foreground classes, a sequence indexed
+    by ``class - 1`` or a mapping class -> name."""
     classes = list(summary["classes"])
 
     def cname(c: int) -> str:
-        if class_names is None:
-            return f"class {c}"
-        if isinstance(class_names, Mapping):
-            return str(class_names.get(c, f"class {c}"))
-        return str(class_names[c - 1]) if c - 1 < len(class_names) else f"class {c}"
+        return class_label(c, class_names)
 
     rows: list[list[str]] = [["case", "class", *(_header(m) for m in METRICS)]]
     for cid, res in (cases or {}).items():
@@ -190,6 +198,9 @@ def format_table(
                 cell += f" (n_nan {mets[m]['n_nan'][j]})"
             cells.append(cell)
         rows.append([f"mean (n={summary['n_cases']})", cname(c), *cells])
+    if len(classes) > 1:   # multi-class: the mean over classes (of the per-class means), as multi-organ papers report
+        rows.append([f"mean (n={summary['n_cases']})", "mean over classes",
+                     *(_fmt(mets[m]["class_mean"], digits) for m in METRICS)])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

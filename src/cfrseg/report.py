@@ -1,4 +1,5 @@
-"""Pictures and summaries of a run: mid-slice overlays, loss curves, report.md.
+"""Pictures and summaries of a run: mid-slice overlays (one colour per class, with a legend for multi-class
+maps), loss curves, report.md tables (foreground means, and per class for multi-class data).
 
 Uses matplotlib's Agg backend (no display needed).
 """
@@ -6,12 +7,34 @@ Uses matplotlib's Agg backend (no display needed).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 OVERLAY_COLORS = ("#00000000", "#ff3b30", "#34c759", "#0a84ff", "#ffd60a", "#bf5af2", "#64d2ff", "#ff9f0a")
+
+
+def class_colors(num_classes: int) -> list[str]:
+    """One colour per class (index 0 = background, transparent): :data:`OVERLAY_COLORS` first, then
+    matplotlib's tab20 palette (its light shades first, then the hues the first colours do not have), cycling,
+    so classes 1..K-1 get distinct colours up to K = 28."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    tab = colormaps["tab20"].colors
+    extra = [to_hex(tab[i]) for i in (1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 10, 12, 14, 16, 0, 2, 4, 6, 8, 18)]
+    return [OVERLAY_COLORS[c] if c < len(OVERLAY_COLORS) else extra[(c - len(OVERLAY_COLORS)) % len(extra)]
+            for c in range(max(num_classes, 2))]
+
+
+def class_name(c: int, class_names: Mapping[int, str] | Sequence[str] | None) -> str:
+    """Display name of class ``c``: ``class_names`` is a mapping class -> name or a sequence of the foreground
+    names (index c - 1); "class c" when missing."""
+    from cfrseg.metrics import class_label
+
+    return class_label(c, class_names)
 
 
 def _plt():
@@ -41,15 +64,21 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str, np.ndarray | None]],
-                title: str = "", z: int | None = None) -> Path:
+                title: str = "", z: int | None = None, num_classes: int | None = None,
+                class_names: Mapping[int, str] | Sequence[str] | None = None) -> Path:
     """One row: the image, then the image with each label map (X, Y, Z arrays) drawn over it at slice ``z``.
 
-    Slices are shown with x down and y across, like a radiology viewer's transverse view of the LA data.
+    Slices are shown with x down and y across, like a radiology viewer's transverse view of the LA data. Each
+    class has its own colour (:func:`class_colors`; ``num_classes`` defaults to the largest label + 1); with
+    more than one foreground class a legend names the classes present in the shown slice.
     """
     plt = _plt()
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
 
     ref = next((p for _, p in panels if p is not None), None)
+    k = num_classes or max([2] + [int(p.max()) + 1 for _, p in panels if p is not None and p.size])
+    colors = class_colors(k)
     z = _mid_slice(ref, image.shape[-1]) if z is None else z
     img = image[:, :, z]
     lo, hi = np.percentile(img, [1, 99])
@@ -57,12 +86,14 @@ def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str,
     fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.2), dpi=100)
     axes[0].imshow(img, cmap="gray", vmin=lo, vmax=hi)
     axes[0].set_title(f"image (z={z})", fontsize=9)
-    cmap = ListedColormap(OVERLAY_COLORS)
+    cmap = ListedColormap(colors)
+    shown: set[int] = set()
     for ax, (name, lab) in zip(axes[1:], panels):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
         if lab is not None:
             sl = lab[:, :, z].astype(float)
-            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap=cmap, vmin=0, vmax=len(OVERLAY_COLORS) - 1,
+            shown |= {int(v) for v in np.unique(lab[:, :, z]) if v > 0}
+            ax.imshow(np.ma.masked_where(sl == 0, sl), cmap=cmap, vmin=-0.5, vmax=k - 0.5,
                       alpha=0.45, interpolation="nearest")
             ax.set_title(name, fontsize=9)
         else:
@@ -71,6 +102,15 @@ def overlay_png(path: str | Path, image: np.ndarray, panels: Sequence[tuple[str,
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
+    if k > 2 and shown:
+        handles = [Patch(color=colors[c], label=class_name(c, class_names)) for c in sorted(shown) if c < k]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // 7), 1, 1))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+        return path
     return _save(fig, path)
 
 
@@ -115,3 +155,33 @@ def metrics_table_md(rows: Mapping[str, Mapping[str, Any]]) -> str:
             cells.append(f"{_fmt(v.get('mean', math.nan))} ± {_fmt(v.get('std', math.nan))}" if v else "n/a")
         out.append(f"| {name} | " + " | ".join(cells) + f" | {s.get('n', '')} |")
     return head + "\n".join(out) + "\n"
+
+
+def _num(v: Any) -> str:
+    return _fmt(math.nan if v is None else float(v))
+
+
+def per_class_md(summaries: Mapping[str, Mapping[str, Any]],
+                 class_names: Mapping[int, str] | Sequence[str] | None = None,
+                 metrics: Sequence[str] = ("dice", "hd95"), units: str = "mm") -> str:
+    """Markdown tables, one per metric: a row per foreground class and a last "mean over classes" row, a column
+    per named :func:`cfrseg.metrics.summarize` result ("mean ± std" over cases; NaN means are shown as nan)."""
+    if not summaries:
+        return ""
+    names = list(summaries)
+    classes = list(next(iter(summaries.values()))["classes"])
+    out = []
+    for m in metrics:
+        unit = f" ({units})" if m in ("asd", "hd95") else ""
+        out += [f"**{m}{unit}**", "", "| class | " + " | ".join(names) + " |",
+                "|---|" + "---|" * len(names)]
+        for j, c in enumerate(classes):
+            cells = []
+            for n in names:
+                v = summaries[n]["metrics"][m]
+                cells.append(f"{_num(v['mean'][j])} ± {_num(v['std'][j])}")
+            out.append(f"| {class_name(c, class_names)} | " + " | ".join(cells) + " |")
+        out.append("| mean over classes | "
+                   + " | ".join(_num(summaries[n]["metrics"][m]["class_mean"]) for n in names) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -8,7 +8,9 @@ missing, unreadable or truncated files (the message names the file).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import locale
 import os
 import struct
 import tempfile
@@ -107,11 +109,45 @@ def read_dicom_series(folder: str | Path, series_uid: str | None = None) -> Volu
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
         img = reader.Execute()
     except RuntimeError as e:
         raise InputError(f"{folder}: cannot read DICOM series {series_uid}: {_itk_message(e)}") from None
+    if len(files) > 1:
+        problem = _slice_spacing_problem(reader, len(files))
+        if problem:
+            raise InputError(f"{folder}: DICOM series {series_uid}: {problem}; refusing to read it with a wrong "
+                             f"slice spacing (is a slice missing?)")
     return _from_sitk(img, f"{folder} (DICOM series {series_uid})")
+
+
+def _slice_spacing_problem(reader: sitk.ImageSeriesReader, n: int, rtol: float = 0.01) -> str:
+    """A description of the first gap, duplicate or irregular step between the slices of a series read by
+    ``reader`` (positions from ImagePositionPatient projected on the slice normal), or "" when regular.
+
+    ITK only warns about such series (and sets ``ITK_non_uniform_sampling_deviation``, which it also sets on
+    regular oblique series) and returns a volume whose slice spacing is the mean step: wrong for every slice.
+    """
+    try:
+        ipp = np.array([[float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")] for i in range(n)])
+        iop = np.array([float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return ""  # no positions to check (ITK then stacks the files as given)
+    if ipp.shape != (n, 3) or iop.shape != (6,):
+        return ""
+    normal = np.cross(iop[:3], iop[3:])
+    d = np.sort(ipp @ normal)
+    steps = np.diff(d)
+    for k, st in enumerate(steps):
+        if st <= 1e-3:
+            return f"duplicate slice position {d[k]:.3f} mm (slices {k + 1} and {k + 2})"
+    step = float(np.median(steps))
+    for k, st in enumerate(steps):
+        if abs(st - step) > max(rtol * step, 1e-3):
+            kind = "gap" if st > step else "irregular step"
+            return f"{kind} of {st:.4g} mm after slice {k + 1} of {n} (expected {step:.4g} mm)"
+    return ""
 
 
 def read_volume(path: str | Path, series_uid: str | None = None) -> Volume:
@@ -398,16 +434,34 @@ def write_dicom_series(
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
     out: list[Path] = []
-    for k in range(img.GetDepth()):
-        sl = img[:, :, k]
-        for tag, value in tags.items():
-            sl.SetMetaData(tag, value)
-        pos = img.TransformIndexToPhysicalPoint((0, 0, k))
-        sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in pos))
-        sl.SetMetaData("0020|0013", str(k + 1))
-        sl.SetMetaData("0008|0018", new_uid())
-        f = folder / f"slice_{k:04d}.dcm"
-        writer.SetFileName(str(f))
-        writer.Execute(sl)
-        out.append(f)
+    with _keep_locale():
+        for k in range(img.GetDepth()):
+            out.append(_write_slice(writer, img, k, tags, folder))
     return out
+
+
+@contextlib.contextmanager
+def _keep_locale():
+    """GDCM's DICOM writer switches the process's C locale to "C" (LC_CTYPE included), after which Python's
+    default text encoding is ASCII for every later ``open()``: put the locale back."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_slice(writer: sitk.ImageFileWriter, img: sitk.Image, k: int, tags: dict[str, str], folder: Path) -> Path:
+    # a one-slice 3D image, not a 2D slice: GDCM takes SpacingBetweenSlices from the image's z spacing (a 2D
+    # slice has none, and it wrote 1 mm whatever the metadata said)
+    sl = img[:, :, k:k + 1]
+    for tag, value in tags.items():
+        sl.SetMetaData(tag, value)
+    pos = img.TransformIndexToPhysicalPoint((0, 0, k))
+    sl.SetMetaData("0020|0032", "\\".join(f"{v:.10g}" for v in pos))
+    sl.SetMetaData("0020|0013", str(k + 1))
+    sl.SetMetaData("0008|0018", new_uid())
+    f = folder / f"slice_{k:04d}.dcm"
+    writer.SetFileName(str(f))
+    writer.Execute(sl)
+    return f

@@ -21,15 +21,16 @@ mean = (123.675, 116.28, 103.53)/255, std = (58.395, 57.12, 57.375)/255.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+from torch import nn
 
 from cfrseg.errors import ConfigError, InputError, NotFoundError
 from cfrseg.sam.tinyvit import TinyViT
@@ -209,42 +210,83 @@ def build_base_sam(
 HEAD_INITS = ("pretrained", "negated")
 
 
-def make_class_head(decoder: MaskDecoder, num_classes: int, init: str = "pretrained") -> list[int]:
+def _blend_plan(pool: list[int], count: int) -> list[tuple[int, int, float]]:
+    """``count`` distinct points (a, b, t) on the segments between pairs of pretrained tokens of ``pool``:
+    pairs in order (1,2), (1,3), (2,3), ...; positions t from the van der Corput sequence 1/2, 1/4, 3/4, 1/8,
+    ... (one round of pairs per position), so no two points coincide and none is a pretrained token."""
+    pairs = [(a, b) for i, a in enumerate(pool) for b in pool[i + 1:]]
+    out = []
+    r = 1
+    while len(out) < count:
+        t, f, n = 0.0, 0.5, r   # van der Corput (base 2) of r
+        while n:
+            t += f * (n & 1)
+            n >>= 1
+            f /= 2
+        out += [(a, b, t) for a, b in pairs][: count - len(out)]
+        r += 1
+    return out
+
+
+def _blend_module(a: nn.Module, b: nn.Module, t: float) -> nn.Module:
+    """A copy of ``a`` whose parameters are (1 - t) a + t b (same architecture)."""
+    m = copy.deepcopy(a)
+    with torch.no_grad():
+        for pm, pb in zip(m.parameters(), b.parameters(), strict=True):
+            pm.mul_(1.0 - t).add_(pb, alpha=t)
+    return m
+
+
+def make_class_head(decoder: MaskDecoder, num_classes: int, init: str = "pretrained") -> list[int | str]:
     """Turn ``decoder`` into a K-class head in place (K = num_classes, background included): K mask tokens and
-    K hypernetwork MLPs. The IoU head is kept but frozen (it is not used). Returns the source token index of
-    each class (-1 = the negated copy of token 1).
+    K hypernetwork MLPs. The IoU head is kept but frozen (it is not used). Returns where each class's token
+    and MLP come from: an int i = a copy of pretrained token/MLP i, -1 = the negated copy of token 1, and a
+    string ``"a~b@t"`` = the blend (1 - t) * (token, MLP) a + t * (token, MLP) b.
 
     ``init``:
-    - ``"pretrained"``: class c is a copy of pretrained token/MLP (c mod T0) (T0 = 4 for SAM: background gets
-      the single-mask token 0, class 1.. the multimask tokens 1, 2, 3, then cycling). With LiteMedSAM and no
-      prompt, token 0 gives background logits around -16 while token 1 gives ~0, so the first CE is ~15.
-    - ``"negated"``: foreground class c >= 1 copies pretrained token/MLP 1 + (c-1) mod (T0-1); background copies
-      token 1 with the last layer of its MLP negated, so for K = 2 the initial logits are exactly opposite
-      (small, |l| ~ 0.2 for LiteMedSAM), every pixel starts at p = 0.5 and the first CE is ln 2.
+    - ``"pretrained"``: class c < T0 is a copy of pretrained token/MLP c (T0 = 4 for SAM: background gets the
+      single-mask token 0, classes 1-3 the multimask tokens 1, 2, 3). With LiteMedSAM and no prompt, token 0
+      gives background logits around -16 while token 1 gives ~0, so the first CE is ~15.
+    - ``"negated"``: foreground classes 1..T0-1 copy pretrained tokens/MLPs 1..T0-1; background copies token 1
+      with the last layer of its MLP negated, so for K = 2 the initial logits are exactly opposite (small,
+      |l| ~ 0.2 for LiteMedSAM), every pixel starts at p = 0.5 and the first CE is ln 2.
+    - Classes beyond the pretrained foreground tokens (K > 4) get blends of two pretrained foreground tokens
+      and of their MLPs at distinct positions (:func:`_blend_plan`): every class has its own token and MLP, so
+      no two classes start with identical logits (copies, as before, made classes c and c + 3 identical).
     """
     if num_classes < 2:
         raise ConfigError(f"num_classes counts background and must be >= 2, got {num_classes}")
     if init not in HEAD_INITS:
         raise ConfigError(f"head init must be one of {HEAD_INITS}, got {init!r}")
     old_tokens = decoder.mask_tokens.weight.detach()
+    old_mlps = decoder.output_hypernetworks_mlps
     t0 = old_tokens.shape[0]
     if init == "pretrained" or t0 < 2:
-        src = [c % t0 for c in range(num_classes)]
+        direct = list(range(min(num_classes, t0)))
     else:
-        src = [1] + [1 + (c - 1) % (t0 - 1) for c in range(1, num_classes)]
+        direct = [1] + list(range(1, min(num_classes, t0)))
+    pool = list(range(1, t0)) if t0 >= 3 else list(range(t0))
+    blends = _blend_plan(pool, num_classes - len(direct)) if len(pool) >= 2 else []
+    if len(direct) + len(blends) < num_classes:
+        raise ConfigError(f"a decoder with {t0} mask token(s) cannot start {num_classes} distinct classes")
     tokens = nn.Embedding(num_classes, old_tokens.shape[1]).to(old_tokens)
+    mlps: list[nn.Module] = [copy.deepcopy(old_mlps[i]) for i in direct]
+    src: list[int | str] = list(direct)
     with torch.no_grad():
-        tokens.weight.copy_(old_tokens[src])
-    old_mlps = decoder.output_hypernetworks_mlps
+        tokens.weight[: len(direct)].copy_(old_tokens[direct])
+        for j, (a, b, t) in enumerate(blends, start=len(direct)):
+            tokens.weight[j].copy_((1.0 - t) * old_tokens[a] + t * old_tokens[b])
+            mlps.append(_blend_module(old_mlps[a], old_mlps[b], t))
+            src.append(f"{a}~{b}@{t:g}")
     decoder.mask_tokens = tokens
-    decoder.output_hypernetworks_mlps = nn.ModuleList(copy.deepcopy(old_mlps[i]) for i in src)
+    decoder.output_hypernetworks_mlps = nn.ModuleList(mlps)
     if init == "negated" and t0 >= 2:
         last = decoder.output_hypernetworks_mlps[0].layers[-1]
         with torch.no_grad():
             last.weight.neg_()
             if last.bias is not None:
                 last.bias.neg_()
-        src = [-1] + src[1:]
+        src[0] = -1
     decoder.num_mask_tokens = num_classes
     decoder.num_multimask_outputs = num_classes - 1
     for p in decoder.iou_prediction_head.parameters():

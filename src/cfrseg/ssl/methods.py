@@ -14,6 +14,11 @@ Every method computes, from the student's logits on the labeled crops (``out_l``
 
 ``teacher_fn(x, noise=True, stochastic=False)`` returns the EMA teacher's logits (no grad); ``noise`` adds the
 clamped Gaussian input noise, ``stochastic`` turns the teacher's dropout on (UA-MT's T passes).
+
+A method that needs more than the student's logits (MagicNet: extra forward passes on mixed and cut inputs,
+:mod:`cfrseg.ssl.magicnet`) sets ``custom_step`` and implements :meth:`SSLMethod.step_loss`, which gets the
+student network itself; a method with state across iterations (MagicNet's class distribution) keeps it in
+:meth:`SSLMethod.state_dict` so that resumed runs stay exact.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from cfrseg.errors import ConfigError
 from cfrseg.ssl.losses import entropy, masked_mean, seg_loss, softmax_mse
 from cfrseg.ssl.ramps import sigmoid_rampup
 
-METHODS = ("none", "mt", "st", "uamt", "acmt")
+METHODS = ("none", "mt", "st", "uamt", "acmt", "magicnet")
 
 
 class TeacherFn(Protocol):
@@ -55,6 +60,13 @@ class SSLParams:
     uamt_T: int = 8
     uamt_threshold: tuple[float, float] = (0.75, 1.0)   # x ln(C), ramped over the run
     acmt_threshold: tuple[float, float] = (0.75, 0.95)  # normalised entropy, ramped over the run
+    # MagicNet (cfrseg.ssl.magicnet)
+    magic_grid: tuple[int, int, int] = (3, 3, 3)        # cubes per axis of the training patch
+    magic_loc_weight: float = 0.1                        # weight of the cube-location loss
+    magic_blend_start: int = 100                         # blend pseudo-labels after this many iterations
+    magic_blend_window: int = 20                         # class distribution refreshed every this many iterations
+    magic_blend_T: float = 1.0                           # temperature of the class distribution
+    magic_transposed_recovery: bool = False              # reproduce the official x<->z recovery quirk (Q1)
 
 
 class SSLMethod:
@@ -63,6 +75,7 @@ class SSLMethod:
     name = "none"
     uses_unlabeled = False   # does the method need the unlabeled crops without pseudo-labels?
     uses_teacher = False     # does it call teacher_fn?
+    custom_step = False      # does it run the student itself (step_loss) instead of loss()?
 
     def __init__(self, params: SSLParams) -> None:
         self.p = params
@@ -80,7 +93,34 @@ class SSLMethod:
             return self.p.pl_weight * sigmoid_rampup(step, self.p.pl_rampup * self.p.iterations)
         return self.p.pl_weight
 
+    # --- state (checkpointed) ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
     # --- losses ----------------------------------------------------------------------------------------
+    def step_loss(self, student, x: torch.Tensor, n_labeled: int, teacher_fn: TeacherFn, batch: Batch,
+                  step: int) -> Batch:
+        """For ``custom_step`` methods: named losses from the student network and the batch ``x`` (labeled
+        crops first, ``n_labeled`` of them, then the unlabeled ones)."""
+        raise NotImplementedError
+
+    def pl_term(self, out_u: torch.Tensor | None, batch: Batch, step: int, d: Batch) -> torch.Tensor | None:
+        """The CFR pseudo-label term w_pl(t) * L_pl (Eq. 7) on the unlabeled logits, recorded in ``d``; None
+        when the batch has no pseudo-label."""
+        pl = batch.get("pl_u")
+        if pl is None or out_u is None:
+            return None
+        sel = batch["pl_mask"]
+        if not bool(sel.any()):
+            return None
+        d["pl"] = seg_loss(out_u[sel], pl[sel])
+        w = self.pl_weight(step)
+        d["w_pl"] = torch.tensor(w, device=out_u.device)
+        return w * d["pl"]
+
     def unsup(self, out: torch.Tensor, x: torch.Tensor, teacher_fn: TeacherFn, step: int) -> Batch:
         """The method's unsupervised term on logits ``out`` of inputs ``x``: {"cons": tensor, ...diagnostics}."""
         return {}
@@ -101,14 +141,9 @@ class SSLMethod:
             d.update(u)
             d["w_cons"] = torch.tensor(w, device=dev)
             total = total + w * u["cons"]
-        pl = batch.get("pl_u")
-        if pl is not None and out_u is not None:
-            sel = batch["pl_mask"]
-            if bool(sel.any()):
-                d["pl"] = seg_loss(out_u[sel], pl[sel])
-                w = self.pl_weight(step)
-                d["w_pl"] = torch.tensor(w, device=dev)
-                total = total + w * d["pl"]
+        pl_term = self.pl_term(out_u, batch, step, d)
+        if pl_term is not None:
+            total = total + pl_term
         d["loss"] = total
         return d
 
@@ -192,6 +227,10 @@ _CLASSES: dict[str, Callable[[SSLParams], SSLMethod]] = {
 
 def build_method(name: str, params: SSLParams) -> SSLMethod:
     """The method called ``name`` (one of :data:`METHODS`)."""
+    if name == "magicnet":
+        from cfrseg.ssl.magicnet import MagicNet
+
+        return MagicNet(params)
     if name not in _CLASSES:
         raise ConfigError(f"unknown SSL method {name!r}; choose one of {list(METHODS)}")
     return _CLASSES[name](params)

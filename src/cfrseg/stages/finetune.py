@@ -75,6 +75,9 @@ class FinetuneConfig(ConfigBase):
     augment_flip: bool = True
     bezier_p: float = 0.5                           # probability of a random Bezier curve on [0, 1] values
     foreground_prob: float = 0.0                    # probability that a crop is placed on a foreground voxel
+    # --- compute: "bf16" = bfloat16 autocast of the encoder (embedding cache) and of the training forward pass;
+    # fp32 weights and optimizer (cfrseg.stages.precision). Pays only on CPUs with native bf16 (docs/results.md)
+    precision: str = "fp32"
     # --- run
     seed: int = 1337
     checkpoint_interval_s: float = 300.0
@@ -111,6 +114,10 @@ class FinetuneConfig(ConfigBase):
         require(0 <= self.bezier_p <= 1, f"finetune.bezier_p must be in [0, 1], got {self.bezier_p}")
         require(0 <= self.foreground_prob <= 1, "finetune.foreground_prob must be in [0, 1]")
         require(self.checkpoint_interval_s > 0, "finetune.checkpoint_interval_s must be > 0")
+        from cfrseg.stages.precision import PRECISIONS
+
+        require(self.precision in PRECISIONS, f"finetune.precision must be one of {list(PRECISIONS)}, "
+                f"got {self.precision!r}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"finetune.device must be auto, cpu or cuda[:N], got {self.device!r}")
         self.spec().check()
@@ -304,10 +311,13 @@ class EmbeddingCache:
 @torch.inference_mode()
 def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec, per_volume: int, *, seed: int,
                           bezier_p: float, foreground_prob: float, chunk: int = 4,
-                          on_chunk=None) -> EmbeddingCache:
+                          on_chunk=None, precision: str = "fp32") -> EmbeddingCache:
     """Encode ``per_volume`` random mosaics of every volume (random window, orientation, Bezier curve, drawn
     by :func:`cfrseg.sam.mosaic.make_batch` from a generator seeded with ``seed``: the same pool every time).
-    ``on_chunk(done, total)`` is called after each encoder batch (progress / cancel)."""
+    ``on_chunk(done, total)`` is called after each encoder batch (progress / cancel). ``precision="bf16"``
+    runs the encoder under bfloat16 autocast (the cached embeddings are stored as float32)."""
+    from cfrseg.stages.precision import autocast
+
     g = torch.Generator().manual_seed(seed)
     embs, tgts, vals = [], [], []
     total = per_volume * len(volumes)
@@ -317,7 +327,9 @@ def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec,
             n = min(chunk, left)
             images, target, valid = make_batch([pv], spec, n, g, bezier_p=bezier_p,
                                                foreground_prob=foreground_prob)
-            embs.append(sam.embed(images).float().clone())
+            with autocast(images.device, precision):
+                emb = sam.embed(images)
+            embs.append(emb.float().clone())
             tgts.append(target.to(torch.uint8))
             vals.append(valid)
             left -= n
@@ -441,9 +453,11 @@ def run_finetune(
 
         cache = build_embedding_cache(sam, volumes, spec, config.embedding_cache, seed=config.seed + 7919,
                                       bezier_p=config.bezier_p, foreground_prob=config.foreground_prob,
-                                      on_chunk=on_chunk)
+                                      on_chunk=on_chunk, precision=config.precision)
         del volumes
     size = (config.image_size, config.image_size)
+    from cfrseg.stages.precision import autocast
+
     train_mode(sam)
     eta = Eta()
     last_ck = time.monotonic()
@@ -454,11 +468,13 @@ def run_finetune(
             if cache is None:
                 images, target, valid = make_batch(volumes, spec, config.batch_size, g,
                                                    bezier_p=config.bezier_p, foreground_prob=config.foreground_prob)
-                logits = sam(images)
+                with autocast(device, config.precision):
+                    logits = sam(images).float()
             else:
                 idx = torch.randint(len(cache.embeddings), (config.batch_size,), generator=g)
                 target, valid = cache.target[idx].long(), cache.valid[idx]
-                logits = sam.decode(cache.embeddings[idx])
+                with autocast(device, config.precision):
+                    logits = sam.decode(cache.embeddings[idx]).float()
                 if tuple(logits.shape[-2:]) != size:
                     logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             loss, parts = masked_ce_dice(logits, target, valid, include_background=config.dice_background)

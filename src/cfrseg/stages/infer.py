@@ -4,7 +4,9 @@ training preprocessing, optional largest-connected-component clean-up, and the `
 Compared with the reference ``test_single_case`` (reference-implementation.md sec. 5) the window grid is the
 same (symmetric zero padding to the patch, starts ``min(stride * i, size - patch)``), but windows run in
 batches under ``torch.inference_mode()`` and the softmax probabilities are accumulated on the compute device,
-optionally with Gaussian importance weights instead of plain counts.
+optionally with Gaussian importance weights instead of plain counts. Accumulation, resampling back to the source
+grid and the argmax are streamed along x (:mod:`cfrseg.accumulate`): :func:`segment_volume` never holds a
+K x volume float map, only a band of about one patch of x-planes.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import io
 import math
 import os
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
+from cfrseg.accumulate import ArgmaxSink, FullSink, Sink, SweepAccumulator, SweepResampler, Unorient
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.volume import Volume
 from cfrseg.errors import ConfigError, InputError, NotFoundError
@@ -34,7 +38,7 @@ MODEL_FILE = "model.pt"
 DEFAULT_PREPROCESS: dict[str, Any] = {"zoom": None, "normalize": "zscore", "plan": None,
                                       "spacing_factor": None}
 NORMALIZE = ("zscore", "none", "plan")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")   # auto: bf16 where native (cfrseg.stages.precision.bf16_native)
 _ARTIFACT_KEYS = (
     "network",
     "network_kwargs",
@@ -57,8 +61,9 @@ class InferConfig(ConfigBase):
     gaussian: bool = False
     largest_component: bool = False
     device: str = "auto"
-    precision: str = "fp32"   # fp32 | bf16 (autocast; ~2.2x faster than fp32 on AVX512-BF16 CPUs, argmax agrees at
-                              # Dice ~0.998 rather than 1.0: bench/infer_speed.py --bf16)
+    precision: str = "fp32"   # fp32 | bf16 | auto (bf16 where native: cfrseg.stages.precision). bf16 is 1.4-3x faster
+                              # on AVX512-BF16/AMX CPUs, slower without them; with a trained lite model its labels
+                              # agree with fp32 at Dice ~0.995, not 0.999, so fp32 stays the default (docs/results.md)
 
     def validate(self) -> None:
         for name in ("patch", "stride"):
@@ -159,7 +164,8 @@ def sliding_window(
     channels_last: bool | None = None,
     fold_bn: bool = True,
     precision: str = "fp32",
-) -> torch.Tensor:
+    sink: Sink | None = None,
+) -> torch.Tensor | None:
     """Softmax probabilities (K, X, Y, Z) of ``model`` over a whole image (C, X, Y, Z) (or (X, Y, Z)).
 
     Axes smaller than the patch are zero-padded symmetrically and cropped back. Windows (see
@@ -172,7 +178,13 @@ def sliding_window(
     about 1.3-1.5x faster on CPU; the numbers agree with the default layout to float rounding (~1e-7).
     ``fold_bn`` (default on) folds BatchNorm into the preceding convolutions of networks that declare
     ``bn_foldable`` (:func:`cfrseg.models.fuse.fold_batchnorm`; same numbers to float rounding).
-    ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32).
+    ``precision="bf16"`` runs the network under bfloat16 autocast (accumulation stays float32); ``"auto"``
+    does so only where bf16 is native (:func:`cfrseg.stages.precision.bf16_native`), else fp32.
+
+    Memory: the sums are kept only for the x-planes a window may still touch (:class:`SweepAccumulator`, one
+    patch of planes); finished planes are divided by their weights and go to ``sink(x0, planes (K, n, Y,
+    Z))`` in x order, or, without a sink, into the returned (K, X, Y, Z) tensor (then the result itself is
+    K x volume; the sink path, used by :func:`segment_volume`, returns None and never is).
     """
     if len(patch) != 3 or len(stride) != 3 or min(*patch, *stride) < 1:
         raise InputError(
@@ -201,10 +213,23 @@ def sliding_window(
     padded = tuple(img.shape[1:])
     px, py, pz = (int(p) for p in patch)
     corners = window_grid(padded, patch, stride)
-    weight = gaussian_weights(patch).to(dev) if gaussian else torch.ones((px, py, pz), device=dev)
+    weight = gaussian_weights(patch).to(dev) if gaussian else None
 
-    probs = torch.zeros((num_classes, *padded), dtype=torch.float32, device=dev)
-    norm = torch.zeros(padded, dtype=torch.float32, device=dev)
+    acc = SweepAccumulator(num_classes, padded, axis=0, device=dev, capacity=px)
+    full = FullSink(size, num_classes, 0, dev) if sink is None else None
+    consumer: Sink = sink if sink is not None else full  # type: ignore[assignment]
+    (x0, _), (y0, _), (z0, _) = pads
+
+    def flush(upto: int) -> None:
+        rel = acc.release(upto)
+        if rel is None:
+            return
+        lo, sums, norm = rel
+        sums /= norm
+        a, b = max(lo, x0), min(lo + sums.shape[1], x0 + size[0])   # crop the padding back off
+        if b > a:
+            consumer(a - x0, sums[:, a - lo : b - lo, y0 : y0 + size[1], z0 : z0 + size[2]])
+
     was_training = model.training
     model.eval()
     if channels_last is None:
@@ -218,7 +243,9 @@ def sliding_window(
         net = (copy.deepcopy(net) if net is model else net).to(memory_format=torch.channels_last_3d)
     fmt = torch.channels_last_3d if channels_last else torch.contiguous_format
     try:
-        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        from cfrseg.stages.precision import resolve_precision
+
+        amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=resolve_precision(precision, dev) == "bf16")
         with torch.inference_mode(), amp:
             for i in range(0, len(corners), batch_size):
                 chunk = corners[i : i + batch_size]
@@ -228,14 +255,13 @@ def sliding_window(
                     raise InputError(
                         f"sliding_window: model gives {out.shape[1]} classes, expected {num_classes}"
                     )
-                for (x, y, z), p in zip(chunk, out):
-                    probs[:, x : x + px, y : y + py, z : z + pz] += p * weight
-                    norm[x : x + px, y : y + py, z : z + pz] += weight
+                for corner, p in zip(chunk, out):
+                    flush(corner[0])   # windows come in x order: planes before this one's start are final
+                    acc.add(corner, p, weight)
+                flush(corners[i + batch_size][0] if i + batch_size < len(corners) else padded[0])
     finally:
         model.train(was_training)
-    probs /= norm
-    (x0, _), (y0, _), (z0, _) = pads
-    return probs[:, x0 : x0 + size[0], y0 : y0 + size[1], z0 : z0 + size[2]]
+    return None if full is None else full.probs
 
 
 # ------------------------------------------------------------------------------------- whole volumes
@@ -288,7 +314,7 @@ def zoomed_shape(shape: Sequence[int], zoom: Sequence[float] | None) -> Triple:
     """The shape after resampling by ``zoom`` factors: round(size * factor), at least 1."""
     if zoom is None:
         return tuple(int(s) for s in shape)  # type: ignore[return-value]
-    return tuple(max(1, int(round(s * f))) for s, f in zip(shape, zoom))  # type: ignore[return-value]
+    return tuple(max(1, round(s * f)) for s, f in zip(shape, zoom))  # type: ignore[return-value]
 
 
 def resize(t: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -307,30 +333,44 @@ def predict_probabilities(
 ) -> torch.Tensor:
     """Probabilities (K, X, Y, Z) in the source grid of ``volume``, on the compute device: normalise,
     reorient and resample as the model's plan says (or by ``zoom`` for plan-less models), sliding window,
-    then the probabilities back (trilinear to the oriented source shape, exact inverse reorientation)."""
+    then the probabilities back (trilinear to the oriented source shape, exact inverse reorientation). (The
+    result is K x volume float32; :func:`segment_volume` streams the same values into its argmax instead.)"""
+    k = num_classes if num_classes is not None else _num_classes(model)
+    dev = resolve_device(infer_cfg.device)
+    sink = _stream_probabilities(model, volume, infer_cfg, preprocess, k,
+                                 lambda axis: FullSink(volume.shape, k, axis, dev))
+    return sink.probs
+
+
+def _stream_probabilities(model: nn.Module, volume: Volume, infer_cfg: InferConfig,
+                          preprocess: Mapping[str, Any] | None, num_classes: int | None,
+                          make_sink: Callable[[int], Any]) -> Any:
+    """The probabilities of :func:`predict_probabilities`, handed plane by plane to the sink that
+    ``make_sink(axis)`` builds for the source axis the sweep runs along; returns that sink."""
     pre = check_preprocess(preprocess)
     if volume.array.ndim != 3:
         raise InputError(f"segment: expected a 3D volume (X, Y, Z), got shape {volume.array.shape}")
     k = num_classes if num_classes is not None else _num_classes(model)
-    if pre["plan"] is not None:
-        from cfrseg.data.plan import Plan, prepare_image, restore
-
-        dev = resolve_device(infer_cfg.device)
-        img, geo = prepare_image(Plan.from_dict(pre["plan"]), volume, pre["spacing_factor"], device=dev)
-        probs = sliding_window(
-            model, img, infer_cfg.patch, infer_cfg.stride, k, infer_cfg.batch_size, infer_cfg.gaussian, dev,
-            precision=infer_cfg.precision
-        )
-        return restore(probs, geo)
-    arr = zscore(volume.array) if pre["normalize"] == "zscore" else volume.array.astype(np.float32)
     dev = resolve_device(infer_cfg.device)
-    img = torch.from_numpy(np.ascontiguousarray(arr))[None].to(dev)
-    img = resize(img, zoomed_shape(volume.shape, pre["zoom"]))
-    probs = sliding_window(
+    if pre["plan"] is not None:
+        from cfrseg.data.plan import Plan, prepare_image
+
+        img, geo = prepare_image(Plan.from_dict(pre["plan"]), volume, pre["spacing_factor"], device=dev)
+        sink = make_sink(geo.amap.perm[0])
+        back = SweepResampler(tuple(img.shape[1:]), geo.oriented_shape, axis=0,
+                              sink=Unorient(geo.amap, geo.oriented_shape, 0, sink))
+    else:
+        arr = zscore(volume.array) if pre["normalize"] == "zscore" else volume.array.astype(np.float32)
+        img = torch.from_numpy(np.ascontiguousarray(arr))[None].to(dev)
+        img = resize(img, zoomed_shape(volume.shape, pre["zoom"]))
+        sink = make_sink(0)
+        back = SweepResampler(tuple(img.shape[1:]), volume.shape, axis=0, sink=sink)
+    sliding_window(
         model, img, infer_cfg.patch, infer_cfg.stride, k, infer_cfg.batch_size, infer_cfg.gaussian, dev,
-        precision=infer_cfg.precision
+        precision=infer_cfg.precision, sink=back.push
     )
-    return resize(probs, volume.shape)
+    back.finish()
+    return sink
 
 
 def segment_volume(
@@ -340,10 +380,12 @@ def segment_volume(
     preprocess: Mapping[str, Any] | None = None,
 ) -> Volume:
     """Label map (X, Y, Z; uint8, or uint16 for > 256 classes) of ``volume`` in its own geometry: argmax of
-    :func:`predict_probabilities`, then per-class largest connected component if ``infer_cfg`` asks."""
+    :func:`predict_probabilities` (streamed plane by plane, never held whole), then per-class largest
+    connected component if ``infer_cfg`` asks."""
     k = _num_classes(model)
-    probs = predict_probabilities(model, volume, infer_cfg, preprocess, k)
-    labels = probs.argmax(0).cpu().numpy().astype(np.uint8 if k <= 256 else np.uint16)
+    sink = _stream_probabilities(model, volume, infer_cfg, preprocess, k,
+                                 lambda axis: ArgmaxSink(volume.shape, k, axis=axis))
+    labels = sink.labels
     if infer_cfg.largest_component:
         labels = largest_component(labels, k)
     return volume.with_array(labels)
@@ -454,7 +496,7 @@ def load_model(
         name, fileobj = str(p), None
     try:
         obj = torch.load(fileobj if fileobj is not None else name, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle/zip errors vary: report them all as a bad input file
+    except Exception as e:  # noqa: BLE001 - pickle/zip errors vary: report them all as a bad input file
         raise InputError(f"{name}: not a readable cfrseg model.pt ({type(e).__name__}: {e})") from None
     if not isinstance(obj, dict) or any(k not in obj for k in _ARTIFACT_KEYS):
         missing = [k for k in _ARTIFACT_KEYS if not isinstance(obj, dict) or k not in obj]

@@ -216,7 +216,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         "pictures": pictures,
     }
     put_json(store, "report.json", _clean(report))
-    md = _report_md(report, config)
+    md = _report_md(report, config, list(data.names)[1:])
     store.put_bytes("report.md", md.encode())
     emit(progress, ProgressEvent("report", 1, 1, message="done"))
     return PipelineResult(report, _summary_text(report), store)
@@ -266,7 +266,8 @@ def _pictures(config: PipelineConfig, data: Manifest, store: Store, rt_store: St
                 pred = segment_volume(net, image, icfg, meta["preprocess"])
                 panels = [("ground truth", gt.array if gt is not None else None), ("SAM pseudo-label", pl.array),
                           ("final 3D model", pred.array)]
-                p = overlay_png(Path(tmp) / f"{c.case_id}.png", image.array, panels, title=c.case_id)
+                p = overlay_png(Path(tmp) / f"{c.case_id}.png", image.array, panels, title=c.case_id,
+                                num_classes=data.num_classes, class_names=list(data.names)[1:])
                 store.put_file(f"overlays/{c.case_id}.png", p)
                 out.append(f"overlays/{c.case_id}.png")
     return out
@@ -283,7 +284,7 @@ def _row(summary: Mapping[str, Any]) -> str:
     return " | ".join(cell(m) for m in ("dice", "jaccard", "asd", "hd95")) + f" | {f['n']}"
 
 
-def _report_md(report: Mapping[str, Any], config: PipelineConfig) -> str:
+def _report_md(report: Mapping[str, Any], config: PipelineConfig, class_names: Any = None) -> str:
     lines = [f"# CFR run report ({report['profile'] or 'custom profile'})", ""]
     d = report["dataset"]
     lines += [f"Dataset `{d['name']}` ({d['modality']}, classes {', '.join(d['class_names'])}): {d['labeled']} "
@@ -301,11 +302,30 @@ def _report_md(report: Mapping[str, Any], config: PipelineConfig) -> str:
     for model_name, key in (("CFR_FT (SAM alone)", "CFR_FT"), (f"CFR_{config.retrain.ssl.upper()}", "final")):
         for set_name, r in report["metrics"][key].items():
             lines.append(f"| {model_name} | {set_name} | {_row(r['summary'])} |")
+    lines += _per_class_md(report, config, class_names)
     lines += ["", "## Time and memory", "", "| stage | wall (s) | peak RSS so far (MB) |", "|---|---|---|"]
     for k, v in report["timings_s"].items():
         lines.append(f"| {k} | {v} | {report['peak_rss_mb'].get(k, report['peak_rss_mb']['overall'])} |")
     lines += ["", "## Pictures", ""] + [f"![{p}]({p})" for p in report["pictures"]]
     return "\n".join(lines) + "\n"
+
+
+def _per_class_md(report: Mapping[str, Any], config: PipelineConfig, class_names: Any = None) -> list[str]:
+    """Multi-class data: per-class Dice and HD95 tables (every model and set as a column)."""
+    from cfrseg.report import per_class_md
+
+    if report["dataset"]["num_classes"] <= 2:
+        return []
+    cols: dict[str, Any] = {}
+    q = report["pseudolabel"]["quality"]
+    if q:
+        cols["SAM pseudo-labels (unlabeled)"] = q["summary"]
+    for model_name, key in (("CFR_FT", "CFR_FT"), (f"CFR_{config.retrain.ssl.upper()}", "final")):
+        for set_name, r in report["metrics"][key].items():
+            cols[f"{model_name} ({set_name})"] = r["summary"]
+    if not cols:
+        return []
+    return ["", "## Per class", "", per_class_md(cols, class_names)]
 
 
 def _summary_text(report: Mapping[str, Any]) -> str:

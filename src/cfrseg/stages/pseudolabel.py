@@ -6,7 +6,8 @@ normalisation, zoom, windows of the fine-tune crop size covering the volume (in-
 groups along the slice axis), mosaic, SAM, softmax, inverse mosaic; optionally averaged over the fine-tune
 orientation family (test-time augmentation). Probabilities are resampled back to the source grid, then
 ``labels/<case_id>.nii.gz`` (uint8 argmax) and ``confidence/<case_id>.nii.gz`` (float32 max probability) are
-written once, in the source geometry. A rerun skips finished cases.
+written once, in the source geometry. A rerun skips finished cases. Accumulation, resampling and argmax are
+streamed along the slice axis (:mod:`cfrseg.accumulate`): no K x volume float map is held.
 
 With ``calibration = "prior"`` the probabilities are first reweighted per class (:mod:`cfrseg.sam.calibrate`) so
 that the labels of a few unlabeled volumes have the class fractions of the labeled volumes; the weights are
@@ -20,12 +21,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from cfrseg.accumulate import ArgmaxSink, FullSink, SampleSink, Sink, SweepAccumulator, SweepResampler, Unorient
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import ROLES, Case, Manifest
 from cfrseg.data.plan import PLAN_KEY, Plan
@@ -34,7 +36,7 @@ from cfrseg.errors import InputError
 from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_cancel, emit
 from cfrseg.provenance import digest, file_sha256, guard, normalize, stage_provenance
 from cfrseg.sam import concat
-from cfrseg.sam.calibrate import apply_class_weights, class_fractions, fit_class_weights, subsample
+from cfrseg.sam.calibrate import apply_class_weights, class_fractions, fit_class_weights
 from cfrseg.sam.mosaic import MosaicSpec, crop_padded, orient, plan_windows, prepare_volume, unorient
 from cfrseg.stages.finetune import ARTIFACT, load_finetuned, load_plan, read_artifact, resolve_device
 from cfrseg.store import Store, get_json, put_json
@@ -67,6 +69,8 @@ class PseudolabelConfig(ConfigBase):
     calibration_min_labeled: int = 2          # prior: with fewer labeled volumes, keep the argmax (a prior from
                                               # one volume is unreliable: LA L=1 lost 0.05 Dice with it)
     resume: bool = False                      # reuse / continue what the store holds (same provenance only)
+    precision: str = "fp32"                   # fp32 | bf16 | auto: bfloat16 autocast of the SAM forward pass
+                                              # (auto: where native, cfrseg.stages.precision)
     device: str = "auto"
 
     def validate(self) -> None:
@@ -85,6 +89,10 @@ class PseudolabelConfig(ConfigBase):
                 f"pseudolabel.calibration_voxels must be >= 1000, got {self.calibration_voxels}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"pseudolabel.device must be auto, cpu or cuda[:N], got {self.device!r}")
+        from cfrseg.stages.precision import PRECISIONS_AUTO
+
+        require(self.precision in PRECISIONS_AUTO,
+                f"pseudolabel.precision must be one of {list(PRECISIONS_AUTO)}, got {self.precision!r}")
 
 
 @dataclass
@@ -125,55 +133,112 @@ def predict_volume(
     batch_size: int = 2,
     device: torch.device | str = "cpu",
     cancel: CancelFlag | None = None,
+    precision: str = "fp32",
     size: tuple[int, int, int] | None = None,
     window: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Class probabilities (K, X, Y, Z) float32 on ``device`` for a whole volume ``image`` (X, Y, Z) in its own
-    grid. Windows of ``spec.crop`` cover the volume resampled to ``size`` (default: ``spec.zoom``);
-    overlapping predictions (in-plane overlap, shared slices between slice groups, TTA orientations) are
-    averaged. ``window``: fixed [0, 1] intensity window (CT) instead of per-volume percentiles."""
+    grid (K x volume memory: the stage itself streams them with :func:`stream_volume`). ``precision`` ("fp32",
+    "bf16", "auto"): the SAM forward pass under bfloat16 autocast (probabilities accumulated in float32).
+    Windows of ``spec.crop`` cover the volume resampled to ``size`` (default: ``spec.zoom``). ``window``:
+    fixed [0, 1] intensity window (CT) instead of per-volume percentiles."""
+    full = FullSink(image.shape, num_classes, 2, device)
+    stream_volume(sam, spec, image, num_classes, full, tta=tta, tta_count=tta_count, overlap=overlap,
+                  batch_size=batch_size, device=device, cancel=cancel, precision=precision,
+                  size=size, window=window)
+    return full.probs
+
+
+@torch.inference_mode()
+def stream_volume(
+    sam: torch.nn.Module,
+    spec: MosaicSpec,
+    image: np.ndarray,
+    num_classes: int,
+    sink: Sink,
+    *,
+    tta: bool = False,
+    tta_count: int = 0,
+    overlap: float = 0.25,
+    batch_size: int = 2,
+    device: torch.device | str = "cpu",
+    cancel: CancelFlag | None = None,
+    precision: str = "fp32",
+    size: tuple[int, int, int] | None = None,
+    window: tuple[float, float] | None = None,
+) -> None:
+    """The probabilities of a whole volume ``image`` (X, Y, Z), handed to ``sink(z0, planes (K, X, Y, n))`` in
+    slice order, in the volume's own grid. Windows of ``spec.crop`` cover the zoomed volume; overlapping
+    predictions (in-plane overlap, shared slices between slice groups, TTA orientations) are averaged;
+    ``precision``, ``size``, ``window`` as for :func:`predict_volume`.
+
+    Slice groups are processed in order, every orientation of a group before the next group (orientations act
+    in-plane only), so each orientation keeps sums for about one group of slices (:class:`SweepAccumulator`)
+    and finished slices are averaged over orientations, resampled to the source grid and passed on."""
+    from cfrseg.stages.precision import autocast
+
     device = torch.device(device)
     pv = prepare_volume(image, None, spec, num_classes, device, size=size, window=window)
     layout = spec.layout()
     family = tta_family(spec, tta_count) if tta else [(0, False)]
-    total = torch.zeros((num_classes, *pv.image.shape), dtype=torch.float32, device=device)
+    shape = tuple(pv.image.shape)
+    back = SweepResampler(shape, image.shape, axis=2, sink=sink)
+    accs, plans = [], []
     for o in family:
-        vol = orient(pv.image, o)
-        acc = torch.zeros((num_classes, *vol.shape), dtype=torch.float32, device=device)
-        cnt = torch.zeros(tuple(vol.shape), dtype=torch.float32, device=device)
-        starts = plan_windows(tuple(vol.shape), spec.crop, overlap)
-        for i in range(0, len(starts), batch_size):
-            check_cancel(cancel, STAGE)
-            chunk = starts[i : i + batch_size]
-            wins = [crop_padded(vol, s, spec.crop) for s in chunk]
-            x = torch.stack([torch.where(ins, w, torch.zeros((), device=device)) for w, ins in wins])
-            mosaic = concat.to_mosaic(x, layout)[:, None].expand(-1, 3, -1, -1)
-            prob = torch.softmax(sam(mosaic).float(), dim=1)                  # (B, K, S, S)
-            back = concat.from_mosaic(prob, layout)                          # (B, K, cx, cy, cz)
-            for s, p in zip(chunk, back):
-                src, dst = [], []
-                for a, (st, n, L) in enumerate(zip(s, spec.crop, vol.shape)):
-                    lo, hi = max(st, 0), min(st + n, L)
-                    dst.append(slice(lo, hi))
-                    src.append(slice(lo - st, hi - st))
-                acc[(slice(None), *dst)] += p[(slice(None), *src)]
-                cnt[tuple(dst)] += 1
-        total += unorient(acc / cnt.clamp_min(1), o)
-    probs = total / len(family)
-    if tuple(probs.shape[1:]) != tuple(image.shape):
-        probs = F.interpolate(probs[None], size=tuple(image.shape), mode="trilinear", align_corners=False)[0]
-    return probs
+        oshape = (shape[1], shape[0], shape[2]) if o[0] % 2 else shape
+        accs.append(SweepAccumulator(num_classes, oshape, axis=2, device=device, capacity=spec.crop[2]))
+        plans.append(plan_windows(oshape, spec.crop, overlap))
+    zs = sorted({s[2] for s in plans[0]})
+    for g, z in enumerate(zs):
+        lo = max(z, 0)
+        slab = pv.image[:, :, lo : z + spec.crop[2]]
+        for o, acc, plan in zip(family, accs, plans):
+            vol = orient(slab, o)
+            starts = [s for s in plan if s[2] == z]
+            for i in range(0, len(starts), batch_size):
+                check_cancel(cancel, STAGE)
+                chunk = starts[i : i + batch_size]
+                wins = [crop_padded(vol, (s[0], s[1], s[2] - lo), spec.crop) for s in chunk]
+                x = torch.stack([torch.where(ins, w, torch.zeros((), device=device)) for w, ins in wins])
+                mosaic = concat.to_mosaic(x, layout)[:, None].expand(-1, 3, -1, -1)
+                with autocast(device, precision):
+                    logits = sam(mosaic)
+                prob = torch.softmax(logits.float(), dim=1)                      # (B, K, S, S)
+                for s, p in zip(chunk, concat.from_mosaic(prob, layout)):        # (K, cx, cy, cz)
+                    acc.add(s, p)
+        upto = zs[g + 1] if g + 1 < len(zs) else shape[2]
+        rel = [acc.release(upto) for acc in accs]
+        if rel[0] is not None:
+            total = None
+            for (_, sums, cnt), o in zip(rel, family):     # released planes are copies: divide in place
+                sums /= cnt.clamp_min(1)
+                total = unorient(sums, o) if total is None else total.add_(unorient(sums, o))
+            total /= len(family)
+            back.push(rel[0][0], total)
+    back.finish()
 
 
 def predict_case(sam: torch.nn.Module, spec: MosaicSpec, plan: Plan, volume: Volume, num_classes: int,
                  **kw: Any) -> torch.Tensor:
-    """Class probabilities (K, X, Y, Z) of ``volume`` in its SOURCE array order and grid: the plan's
-    reorientation (exact, slice axis last), [0, 1] window and working grid at ``spec.spacing_factor``, then
-    :func:`predict_volume` (``kw``: its options), then the inverse reorientation."""
+    """Class probabilities (K, X, Y, Z) of ``volume`` in its SOURCE array order and grid (K x volume memory;
+    the stage streams them with :func:`stream_case`). ``kw``: the options of :func:`stream_volume`."""
+    dev = kw.get("device", "cpu")
+    return stream_case(sam, spec, plan, volume, num_classes,
+                       lambda ax: FullSink(volume.shape, num_classes, ax, dev), **kw).probs
+
+
+def stream_case(sam: torch.nn.Module, spec: MosaicSpec, plan: Plan, volume: Volume, num_classes: int,
+                make_sink: Callable[[int], Sink], **kw: Any) -> Any:
+    """The probabilities of ``volume`` streamed to the sink ``make_sink(axis)`` builds (``axis``: the source
+    axis the slice sweep runs along), in the SOURCE array order and grid: the plan's reorientation (exact,
+    slice axis last), [0, 1] window and working grid at ``spec.spacing_factor``, then :func:`stream_volume`
+    (``kw``: its options), planes brought back by the inverse reorientation. Returns the sink."""
     geo = plan.geometry(volume, spec.spacing_factor)
     arr = np.ascontiguousarray(geo.amap.apply(volume.array))
-    probs = predict_volume(sam, spec, arr, num_classes, size=geo.working_shape, window=plan.unit_window(), **kw)
-    return geo.amap.invert(probs).contiguous()
+    sink = make_sink(geo.amap.perm[2])
+    stream_volume(sam, spec, arr, num_classes, Unorient(geo.amap, arr.shape, 2, sink),
+                  size=geo.working_shape, window=plan.unit_window(), **kw)
+    return sink
 
 
 def tta_family(spec: MosaicSpec, count: int = 0) -> list:
@@ -230,10 +295,12 @@ def _load_model(config: PseudolabelConfig, finetuned: Store, data: Manifest,
 
 
 def _predict(config: PseudolabelConfig, model: tuple, image: Volume, num_classes: int,
-             device: torch.device, cancel: CancelFlag | None) -> torch.Tensor:
+             device: torch.device, cancel: CancelFlag | None, make_sink: Callable[[int], Sink]) -> Sink:
+    """Stream the probabilities of ``image`` (source grid) into the sink ``make_sink(axis)`` builds."""
     sam, spec, art = model
-    return predict_case(sam, spec, load_plan(art), image, num_classes, tta=config.tta, tta_count=config.tta_count,
-                        overlap=config.overlap, batch_size=config.batch_size, device=device, cancel=cancel)
+    return stream_case(sam, spec, load_plan(art), image, num_classes, make_sink, tta=config.tta,
+                       tta_count=config.tta_count, overlap=config.overlap, batch_size=config.batch_size,
+                       device=device, cancel=cancel, precision=config.precision)
 
 
 def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], model: tuple, device: torch.device,
@@ -255,8 +322,10 @@ def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], mode
     for i, case in enumerate(picks):
         check_cancel(cancel, STAGE)
         image, _ = load_case(case, data, check_pseudo=False)
-        probs = _predict(config, model, image, data.num_classes, device, cancel)
-        samples.append(subsample(probs, config.calibration_voxels, seed=i))
+        sample = _predict(config, model, image, data.num_classes, device, cancel,
+                          lambda ax: SampleSink(image.shape, data.num_classes, ax, config.calibration_voxels,
+                                                seed=i))
+        samples.append(sample.samples)   # voxels drawn uniformly with a fixed seed (cf. calibrate.subsample)
         emit(progress, ProgressEvent(STAGE, 0, len(cases), message=f"calibrating on {case.case_id} ({i + 1}/{n})"))
     pooled = torch.cat(samples)
     weights = fit_class_weights(pooled, prior)
@@ -358,8 +427,10 @@ def run_pseudolabel(
 
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
-            probs = _predict(config, model, image, data.num_classes, device, cancel)
-            lab, conf = probs_to_label(probs, weights)
+            sink = _predict(config, model, image, data.num_classes, device, cancel,
+                            lambda ax: ArgmaxSink(image.shape, data.num_classes, ax, confidence=True,
+                                                  class_weights=weights))
+            lab, conf = sink.labels, sink.confidence
             if config.write_confidence:
                 _put_volume(store, ck, image.with_array(conf), label=False)
             _put_volume(store, lk, image.with_array(lab), label=True)
@@ -413,8 +484,9 @@ def evaluate_sam(
         if gt is None:
             raise InputError(f"evaluate_sam: case {case.case_id!r} has no label")
         tc = time.monotonic()
-        probs = _predict(config, model, image, data.num_classes, device, cancel)
-        lab, _ = probs_to_label(probs, class_weights)
+        sink = _predict(config, model, image, data.num_classes, device, cancel,
+                        lambda ax: ArgmaxSink(image.shape, data.num_classes, ax, class_weights=class_weights))
+        lab = sink.labels
         out["seconds"][case.case_id] = round(time.monotonic() - tc, 2)
         out["cases"][case.case_id] = compute_case(lab, gt.array, image.spacing, data.num_classes)
         emit(progress, ProgressEvent("evaluate", i + 1, len(cases), message=case.case_id))

@@ -60,7 +60,7 @@ class RetrainConfig(ConfigBase):
     network: str = "vnet"
     network_kwargs: dict[str, Any] = field(default_factory=_default_net_kwargs)
     # method
-    ssl: str = "mt"                              # none | mt | st | uamt | acmt
+    ssl: str = "mt"                              # none | mt | st | uamt | acmt | magicnet
     iterations: int = 6000
     batch_labeled: int = 2
     batch_unlabeled: int = 2
@@ -89,6 +89,14 @@ class RetrainConfig(ConfigBase):
     uamt_T: int = 8
     uamt_threshold: tuple[float, float] = (0.75, 1.0)     # x ln(C), ramped over the run
     acmt_threshold: tuple[float, float] = (0.75, 0.95)    # normalised student entropy, ramped over the run
+    # MagicNet (ssl = "magicnet", docs/retrain.md): the configured V-Net gets the cube-location head
+    magic_grid: tuple[int, int, int] | None = None   # cubes per axis of the patch; None = auto (side closest to 32)
+    magic_fc_hidden: int = 4096                  # width of the location MLP (official 4096)
+    magic_loc_weight: float = 0.1
+    magic_blend_start: int = 100                 # iterations before cube-wise pseudo-label blending starts
+    magic_blend_window: int = 20                 # class distribution refreshed every this many iterations
+    magic_blend_T: float = 1.0
+    magic_transposed_recovery: bool = False      # reproduce the official x<->z cube recovery quirk (comparison only)
     # CFR pseudo-label term (Eq. 7)
     pl_weight: float = 1.0
     pl_ramp: str = "none"                        # none | sigmoid
@@ -105,6 +113,8 @@ class RetrainConfig(ConfigBase):
     infer: dict[str, Any] = field(default_factory=dict)  # InferConfig fields for evaluation / segmentation
     infer_stride_fraction: tuple[float, float, float] | None = None  # stride = patch x this (None: patch / 4)
     num_workers: int = 0                         # threads cutting crops (0 = in the training thread)
+    precision: str = "fp32"                      # fp32 | bf16: autocast of the student and teacher forward
+                                                 # passes (fp32 weights; cfrseg.stages.precision)
 
     def __post_init__(self) -> None:
         z = self.zoom
@@ -179,8 +189,36 @@ class RetrainConfig(ConfigBase):
         require(isinstance(self.device, str) and bool(self.device), f"{p}.device must be 'auto', 'cpu', 'cuda'...")
         require(isinstance(self.infer, dict), f"{p}.infer must be a dict of InferConfig fields")
         _int(self.num_workers, f"{p}.num_workers", 0)
-        for name in ("resume", "augment", "consistency_on_labeled"):
+        from cfrseg.stages.precision import PRECISIONS
+
+        require(self.precision in PRECISIONS, f"{p}.precision must be one of {list(PRECISIONS)}, "
+                f"got {self.precision!r}")
+        # oneDNN's bf16 weight gradient of a 3x3x3 convolution is garbage when the input is 2 voxels wide in x
+        # and y (seen with torch 2.14 / oneDNN 3.12 on AVX-512 CPUs): the V-Net's deepest level is patch / 16
+        require(self.precision != "bf16" or all(v >= 48 for v in self.patch[:2]),
+                f"{p}.precision 'bf16' needs patch x and y >= 48 (the network's deepest level >= 3 voxels; "
+                f"smaller levels hit a oneDNN bf16 weight-gradient bug), got {self.patch!r}")
+        for name in ("resume", "augment", "consistency_on_labeled", "magic_transposed_recovery"):
             require(isinstance(getattr(self, name), bool), f"{p}.{name} must be true or false")
+        if self.ssl == "magicnet":
+            from cfrseg.ssl.magicnet import check_config
+
+            check_config(self, p)
+
+    def cube_grid(self) -> tuple[int, int, int]:
+        """MagicNet's cube grid: ``magic_grid``, or the automatic one for ``patch``."""
+        from cfrseg.ssl.cubes import auto_grid
+
+        return self.magic_grid if self.magic_grid is not None else auto_grid(self.patch)
+
+    def training_network(self) -> tuple[str, dict[str, Any]]:
+        """(registry name, options) of the network trained: the configured one, or for ssl='magicnet' that
+        V-Net with the cube-location head (``vnet_magic``). ``model.pt`` keeps the configured network."""
+        if self.ssl != "magicnet":
+            return self.network, dict(self.network_kwargs)
+        from cfrseg.ssl.magicnet import magic_network
+
+        return magic_network(self.network, self.network_kwargs, self.patch, self.cube_grid(), self.magic_fc_hidden)
 
     def infer_config(self) -> Any:
         """The :class:`cfrseg.stages.infer.InferConfig` for evaluation: ``infer`` overrides on top of
@@ -212,7 +250,11 @@ class RetrainConfig(ConfigBase):
             consistency_rampup=self.consistency_rampup, consistency_on_labeled=self.consistency_on_labeled,
             pl_weight=self.pl_weight, pl_ramp=self.pl_ramp, pl_rampup=self.pl_rampup,
             st_threshold=self.st_threshold, uamt_T=self.uamt_T, uamt_threshold=self.uamt_threshold,
-            acmt_threshold=self.acmt_threshold)
+            acmt_threshold=self.acmt_threshold,
+            magic_grid=self.cube_grid() if self.ssl == "magicnet" else (1, 1, 1),
+            magic_loc_weight=self.magic_loc_weight, magic_blend_start=self.magic_blend_start,
+            magic_blend_window=self.magic_blend_window, magic_blend_T=self.magic_blend_T,
+            magic_transposed_recovery=self.magic_transposed_recovery)
 
 
 def _int(v: Any, name: str, lo: int) -> None:
@@ -374,6 +416,8 @@ def make_teacher_fn(teacher: nn.Module, cfg: RetrainConfig):
     """The EMA teacher as a function: eval mode (running BN stats), optional input noise
     clamp(N(0, noise^2), +-clip), optional dropout (``stochastic``, for UA-MT), never builds a graph."""
 
+    from cfrseg.stages.precision import autocast
+
     def teacher_fn(x: torch.Tensor, noise: bool = True, stochastic: bool = False) -> torch.Tensor:
         with torch.no_grad():
             if noise and cfg.teacher_noise > 0:
@@ -383,7 +427,8 @@ def make_teacher_fn(teacher: nn.Module, cfg: RetrainConfig):
             if stochastic:
                 _set_dropout(teacher, True)
             try:
-                return _logits(teacher(x))
+                with autocast(x.device, cfg.precision):
+                    return _logits(teacher(x)).float()
             finally:
                 if stochastic:
                     _set_dropout(teacher, False)
@@ -425,8 +470,11 @@ def _norm(d: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _config_diff(saved: Mapping[str, Any], cfg: RetrainConfig) -> list[str]:
+    """Training fields that differ; a field the saved config lacks (written before the field existed) counts
+    as its default value, which is what that version trained with."""
     a, b = _norm(_training_fields(saved)), _norm(_training_fields(cfg.to_dict()))
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    base = _norm(_training_fields(RetrainConfig().to_dict()))
+    return sorted(k for k in set(a) | set(b) if a.get(k, base.get(k)) != b.get(k))
 
 
 def load_checkpoint(store: Store) -> dict[str, Any]:
@@ -451,6 +499,10 @@ def _save_artifacts(cfg: RetrainConfig, data: Manifest, plan: Plan, prov: Mappin
                     history: list[dict[str, float]], store: Store) -> None:
     from cfrseg.stages.infer import save_model
 
+    if cfg.ssl == "magicnet":   # model.pt keeps the configured V-Net; the location head only serves training
+        from cfrseg.models.magic import backbone_state
+
+        student, teacher = backbone_state(dict(student)), backbone_state(dict(teacher))
     buf = io.BytesIO()
     save_model(buf, network=cfg.network, num_classes=data.num_classes, student=student, teacher=teacher,
                evaluate=cfg.evaluate, network_kwargs=cfg.network_kwargs, preprocess=cfg.preprocess(plan),
@@ -545,7 +597,8 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
 
     from cfrseg.models.registry import build_network
 
-    student = build_network(cfg.network, 1, data.num_classes, **cfg.network_kwargs).to(device)
+    net_name, net_kwargs = cfg.training_network()
+    student = build_network(net_name, 1, data.num_classes, **net_kwargs).to(device)
     if device.type == "cpu":  # oneDNN's 3D convolutions are ~1.5x faster in this layout (same numbers)
         student = student.to(memory_format=torch.channels_last_3d)
     teacher = copy.deepcopy(student)
@@ -562,6 +615,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
         opt.load_state_dict(ckpt["optimizer"])
         batches.sampler.load_state_dict(ckpt["sampler"])
         _set_rng_state(ckpt["rng"])
+        method.load_state_dict(ckpt.get("method", {}))
         history = list(ckpt["history"])
         it, elapsed0 = int(ckpt["iteration"]), float(ckpt.get("elapsed_s", 0.0))
         if it > cfg.iterations:
@@ -574,6 +628,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
                "teacher": teacher.state_dict(), "optimizer": opt.state_dict(),
                "scheduler": {"kind": cfg.lr_schedule, "lr": learning_rate(cfg, max(it - 1, 0))},
                "sampler": batches.sampler.state_dict(), "rng": _rng_state(), "history": history,
+               "method": method.state_dict(),
                "elapsed_s": elapsed0 + time.monotonic() - t0, "labeled_ids": td.labeled_ids,
                "unlabeled_ids": td.unlabeled_ids, "provenance": prov}
         store.put_bytes(CHECKPOINT, ckpt_io.dumps(obj))
@@ -615,9 +670,17 @@ def _train_step(cfg: RetrainConfig, method: SSLMethod, student: nn.Module, teach
     x = torch.cat([b["image_l"], b["image_u"]]) if "image_u" in b else b["image_l"]
     if x.device.type == "cpu":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    out = _logits(student(x))
-    out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
-    terms = method.loss(out_l, out_u, teacher_fn, b, step)
+    from cfrseg.stages.precision import autocast
+
+    if method.custom_step:   # the method runs the student itself (in float32 where bf16 is unsafe) and its losses
+        with autocast(x.device, cfg.precision):
+            terms = method.step_loss(student, x, nl, teacher_fn, b, step)
+    else:
+        with autocast(x.device, cfg.precision):   # bf16: forward in bfloat16, backward follows; fp32 weights
+            out = _logits(student(x))
+        out = out.float()                         # losses in float32
+        out_l, out_u = out[:nl], (out[nl:] if "image_u" in b else None)
+        terms = method.loss(out_l, out_u, teacher_fn, b, step)
     loss = terms["loss"]
     if not torch.isfinite(loss):
         raise InputError(f"retrain: the loss became {loss.item()} at iteration {step + 1} "
@@ -683,5 +746,5 @@ def evaluate_model(model: str | Path | Store, cases: Manifest | Sequence[Case], 
         emit(progress, ProgressEvent("evaluate", i + 1, len(todo), {}, case.case_id))
     summary = summarize(list(results.values()))
     names = list(meta.get("class_names") or manifest.names)
-    return {"cases": results, "summary": summary, "table": format_table(summary, names[1:], cases=results),
+    return {"cases": results, "summary": summary, "table": format_table(summary, class_names=names[1:], cases=results),
             "evaluate": meta.get("evaluate"), "class_names": names}

@@ -2,6 +2,7 @@
 import datetime
 
 from services.gen.cfrseg.v1 import common_pb2 as _common_pb2
+from services.gen.cfrseg.v1 import pacs_pb2 as _pacs_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -157,7 +158,7 @@ class SubmitRunRequest(_message.Message):
     def __init__(self, dataset_id: _Optional[str] = ..., profile: _Optional[str] = ..., ssl_method: _Optional[str] = ..., labeled_case_ids: _Optional[_Iterable[str]] = ..., unlabeled_case_ids: _Optional[_Iterable[str]] = ..., config_overrides_json: _Optional[str] = ..., name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage", "state", "step", "total", "losses", "eta_s", "started", "finished")
+    __slots__ = ("stage", "state", "step", "total", "losses", "eta_s", "started", "finished", "attempt")
     class LossesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +174,7 @@ class StageStatus(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     STARTED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     stage: str
     state: _common_pb2.StageState
     step: int
@@ -181,7 +183,8 @@ class StageStatus(_message.Message):
     eta_s: float
     started: _timestamp_pb2.Timestamp
     finished: _timestamp_pb2.Timestamp
-    def __init__(self, stage: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.StageState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., eta_s: _Optional[float] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempt: int
+    def __init__(self, stage: _Optional[str] = ..., state: _Optional[_Union[_common_pb2.StageState, str]] = ..., step: _Optional[int] = ..., total: _Optional[int] = ..., losses: _Optional[_Mapping[str, float]] = ..., eta_s: _Optional[float] = ..., started: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
     __slots__ = ("run_id", "name", "dataset_id", "profile", "ssl_method", "state", "stage", "stages", "metrics", "error", "model_id", "created", "started", "finished", "labeled_case_ids", "unlabeled_case_ids")
@@ -279,7 +282,7 @@ class CancelRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("model_id", "run_id", "dataset_id", "network", "num_classes", "ssl_method", "metrics", "artifact", "created")
+    __slots__ = ("model_id", "run_id", "dataset_id", "network", "num_classes", "ssl_method", "metrics", "artifact", "created", "classes")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -296,6 +299,7 @@ class Model(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     run_id: str
     dataset_id: str
@@ -305,7 +309,8 @@ class Model(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     artifact: _common_pb2.ObjectRef
     created: _timestamp_pb2.Timestamp
-    def __init__(self, model_id: _Optional[str] = ..., run_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., network: _Optional[str] = ..., num_classes: _Optional[int] = ..., ssl_method: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., artifact: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    classes: _containers.RepeatedCompositeFieldContainer[_pacs_pb2.ModelClass]
+    def __init__(self, model_id: _Optional[str] = ..., run_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., network: _Optional[str] = ..., num_classes: _Optional[int] = ..., ssl_method: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., artifact: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., classes: _Optional[_Iterable[_Union[_pacs_pb2.ModelClass, _Mapping]]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

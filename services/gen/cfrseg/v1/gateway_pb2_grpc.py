@@ -5,6 +5,7 @@ import grpc
 import warnings
 
 from services.gen.cfrseg.v1 import gateway_pb2 as cfrseg_dot_v1_dot_gateway__pb2
+from services.gen.cfrseg.v1 import pacs_pb2 as cfrseg_dot_v1_dot_pacs__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -100,6 +101,26 @@ class GatewayStub:
                 '/cfrseg.v1.Gateway/DownloadArtifact',
                 request_serializer=cfrseg_dot_v1_dot_gateway__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=cfrseg_dot_v1_dot_gateway__pb2.DownloadChunk.FromString,
+                _registered_method=True)
+        self.ListPacsJobs = channel.unary_unary(
+                '/cfrseg.v1.Gateway/ListPacsJobs',
+                request_serializer=cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsRequest.SerializeToString,
+                response_deserializer=cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsResponse.FromString,
+                _registered_method=True)
+        self.GetPacsJob = channel.unary_unary(
+                '/cfrseg.v1.Gateway/GetPacsJob',
+                request_serializer=cfrseg_dot_v1_dot_pacs__pb2.GetPacsJobRequest.SerializeToString,
+                response_deserializer=cfrseg_dot_v1_dot_pacs__pb2.PacsJob.FromString,
+                _registered_method=True)
+        self.RetryPacsJob = channel.unary_unary(
+                '/cfrseg.v1.Gateway/RetryPacsJob',
+                request_serializer=cfrseg_dot_v1_dot_pacs__pb2.RetryPacsJobRequest.SerializeToString,
+                response_deserializer=cfrseg_dot_v1_dot_pacs__pb2.PacsJob.FromString,
+                _registered_method=True)
+        self.SegmentStudy = channel.unary_unary(
+                '/cfrseg.v1.Gateway/SegmentStudy',
+                request_serializer=cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyRequest.SerializeToString,
+                response_deserializer=cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyResponse.FromString,
                 _registered_method=True)
 
 
@@ -200,6 +221,35 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListPacsJobs(self, request, context):
+        """PACS (docs/pacs.md; messages in pacs.proto). Jobs of the DICOM node and of pull requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPacsJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryPacsJob(self, request, context):
+        """Resumes a FAILED job (or re-runs a finished one with force); FAILED_PRECONDITION while it runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SegmentStudy(self, request, context):
+        """Pull mode: finds the study's series in a configured PACS (C-FIND or QIDO), creates one job per series a
+        route takes, and retrieves them (C-GET, C-MOVE or WADO-RS); the SEGs go to the route's destinations.
+        FAILED_PRECONDITION when the gateway has no PACS config; NOT_FOUND when the study has no series there.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +317,26 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.DownloadArtifact,
                     request_deserializer=cfrseg_dot_v1_dot_gateway__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=cfrseg_dot_v1_dot_gateway__pb2.DownloadChunk.SerializeToString,
+            ),
+            'ListPacsJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPacsJobs,
+                    request_deserializer=cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsRequest.FromString,
+                    response_serializer=cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsResponse.SerializeToString,
+            ),
+            'GetPacsJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPacsJob,
+                    request_deserializer=cfrseg_dot_v1_dot_pacs__pb2.GetPacsJobRequest.FromString,
+                    response_serializer=cfrseg_dot_v1_dot_pacs__pb2.PacsJob.SerializeToString,
+            ),
+            'RetryPacsJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryPacsJob,
+                    request_deserializer=cfrseg_dot_v1_dot_pacs__pb2.RetryPacsJobRequest.FromString,
+                    response_serializer=cfrseg_dot_v1_dot_pacs__pb2.PacsJob.SerializeToString,
+            ),
+            'SegmentStudy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SegmentStudy,
+                    request_deserializer=cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyRequest.FromString,
+                    response_serializer=cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +691,114 @@ class Gateway:
             '/cfrseg.v1.Gateway/DownloadArtifact',
             cfrseg_dot_v1_dot_gateway__pb2.DownloadArtifactRequest.SerializeToString,
             cfrseg_dot_v1_dot_gateway__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPacsJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cfrseg.v1.Gateway/ListPacsJobs',
+            cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsRequest.SerializeToString,
+            cfrseg_dot_v1_dot_pacs__pb2.ListPacsJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPacsJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cfrseg.v1.Gateway/GetPacsJob',
+            cfrseg_dot_v1_dot_pacs__pb2.GetPacsJobRequest.SerializeToString,
+            cfrseg_dot_v1_dot_pacs__pb2.PacsJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryPacsJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cfrseg.v1.Gateway/RetryPacsJob',
+            cfrseg_dot_v1_dot_pacs__pb2.RetryPacsJobRequest.SerializeToString,
+            cfrseg_dot_v1_dot_pacs__pb2.PacsJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SegmentStudy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cfrseg.v1.Gateway/SegmentStudy',
+            cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyRequest.SerializeToString,
+            cfrseg_dot_v1_dot_pacs__pb2.SegmentStudyResponse.FromString,
             options,
             channel_credentials,
             insecure,

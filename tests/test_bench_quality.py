@@ -1,0 +1,241 @@
+"""The quality benchmark's logic without training: protocol splits, run keys and refusal of stale records,
+summary maths (mean ± std over seeds, paired per-case comparison), and the driver with a stand-in runner."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import protocol
+import quality_summary as qs
+import run_records as rr
+
+IDS = [f"C{i:02d}" for i in range(80)]
+
+
+# ------------------------------------------------------------------------------------------------ protocol
+def test_splits_are_fixed_disjoint_and_cover_the_list():
+    sp = protocol.split_ids(IDS)
+    assert sp["val"] == IDS[64:80] and sp["test"] == IDS[48:64] and sp["pool"] == IDS[:48]
+    assert sorted(sp["val"] + sp["test"] + sp["pool"]) == sorted(IDS)
+    for L in (1, 4, 16, 48):
+        for ev in (["val"], ["test"], ["val", "test"]):
+            r = protocol.roles(IDS, L, ev)
+            assert r["labeled"] == IDS[:L] and r["unlabeled"] == IDS[L:48]
+            assert not set(r["test"]) & set(r["labeled"] + r["unlabeled"])
+            assert set(r["test"]) == set().union(*(sp[s] for s in ev))
+
+
+def test_split_errors():
+    with pytest.raises(ValueError, match="80 unique"):
+        protocol.split_ids(IDS[:79])
+    with pytest.raises(ValueError, match="80 unique"):
+        protocol.split_ids(IDS[:79] + IDS[:1])
+    with pytest.raises(ValueError, match="two splits"):
+        protocol.check_disjoint([["a", "b"], ["b"]])
+    assert protocol.resolve_labeled("all", 48) == 48
+    for bad in (0, 49, "x"):
+        with pytest.raises(ValueError):
+            protocol.resolve_labeled(bad, 48)
+    with pytest.raises(ValueError, match="evaluation splits"):
+        protocol.roles(IDS, 4, ["pool"])
+
+
+@pytest.mark.la
+def test_manifest_hides_unlabeled_labels(la_dir):
+    ids, sha = protocol.read_ids(la_dir)
+    assert len(sha) == 64
+    man = protocol.manifest(la_dir, 4, ["val"])
+    assert [c.case_id for c in man.labeled] == ids[:4]
+    assert [c.case_id for c in man.test] == ids[64:80]
+    assert len(man.unlabeled) == 44 and all(c.label is None for c in man.unlabeled)
+    assert all(c.label for c in man.labeled + man.test)
+
+
+# ------------------------------------------------------------------------------------------ records / keys
+def _spec(**kw):
+    s = {"bench": "quality_la", "profile": "lite", "resolved": {"retrain": {"seed": 0, "iterations": 1200}},
+         "overrides": [], "seed": 0, "L": 4, "ceiling": False, "method": "mt", "split": "val",
+         "split_ids": IDS[64:80], "labeled_ids": IDS[:4], "unlabeled_ids": IDS[4:48],
+         "data_list_sha256": "0" * 64, "code": {"commit": "abc", "dirty": False, "diff_sha256": None},
+         "platform": {"torch": "2.14.1", "cuda": None, "cpu_bf16_native": False}, "threads": 2}
+    s.update(kw)
+    return s
+
+
+def _models(names=("MT",), dice=0.8):
+    return {n: {c: {"dice": [dice], "jaccard": [dice / 2], "asd": [1.0], "hd95": [5.0]} for c in IDS[64:80]}
+            for n in names}
+
+
+TIMING = {"pipeline_wall_s": 600.0, "pipeline_cpu_s": 1100.0, "peak_rss_mb": 1500.0, "threads": 2}
+
+
+def test_key_covers_every_field_and_train_key_ignores_evaluation_fields():
+    base = _spec()
+    changed = [_spec(seed=1), _spec(overrides=["retrain.iterations=5"]), _spec(split="test", split_ids=IDS[48:64]),
+               _spec(code={"commit": "abc", "dirty": True, "diff_sha256": "f"}), _spec(threads=1),
+               _spec(resolved={"retrain": {"seed": 0, "iterations": 600}}), _spec(L=16), _spec(method="acmt"),
+               _spec(platform={"torch": "2.14.1", "cuda": "H200", "cpu_bf16_native": True})]
+    keys = {rr.key_of(s) for s in [base, *changed]}
+    assert len(keys) == len(changed) + 1
+    assert rr.train_key(base) == rr.train_key(_spec(split="test", split_ids=IDS[48:64], threads=1))
+    assert rr.train_key(base) != rr.train_key(_spec(seed=1))
+
+
+def test_cached_record_is_reused_only_when_identical(tmp_path):
+    spec = _spec()
+    assert rr.load_cached(tmp_path, spec) is None
+    path = rr.write_record(tmp_path, spec, _models(), TIMING)
+    rec = rr.load_cached(tmp_path, spec)
+    assert rec["models"]["MT"][IDS[64]]["dice"] == [0.8] and rec["timing"]["pipeline_wall_s"] == 600.0
+    assert rr.load_cached(tmp_path, _spec(seed=1)) is None          # another key: simply not cached
+    # a file at this key whose stored fields differ (edited by hand) is refused, with the fields named
+    data = json.loads(path.read_text())
+    data["spec"]["overrides"] = ["retrain.iterations=5"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(rr.StaleRecord, match="overrides"):
+        rr.load_cached(tmp_path, spec)
+    with pytest.raises(rr.StaleRecord, match="key does not match"):
+        rr.load_records(tmp_path)
+
+
+def test_record_must_cover_exactly_the_split(tmp_path):
+    models = _models()
+    del models["MT"][IDS[70]]
+    with pytest.raises(ValueError, match="differ from split"):
+        rr.write_record(tmp_path, _spec(), models, TIMING)
+
+
+def test_code_version_tracks_uncommitted_changes(tmp_path):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    clean = rr.code_version(tmp_path)
+    assert clean["dirty"] is False and len(clean["commit"]) == 40
+    (tmp_path / "a.py").write_text("x = 2\n")
+    d1 = rr.code_version(tmp_path)
+    (tmp_path / "a.py").write_text("x = 3\n")
+    d2 = rr.code_version(tmp_path)
+    (tmp_path / "new.py").write_text("y = 1\n")
+    d3 = rr.code_version(tmp_path)
+    assert d1["dirty"] and d2["dirty"] and d3["dirty"]
+    assert len({d1["diff_sha256"], d2["diff_sha256"], d3["diff_sha256"]}) == 3
+
+
+# ------------------------------------------------------------------------------------------------- summary
+def _rec(model, seed, dice_by_case, L=4, split="val"):
+    ids = IDS[64:80] if split == "val" else IDS[48:64]
+    spec = _spec(seed=seed, L=L, split=split, split_ids=ids, method=model.lower())
+    cases = {c: {"dice": [d], "jaccard": [d / 2], "asd": [float("nan") if d == 0 else 1.0], "hd95": [4.0]}
+             for c, d in zip(ids, dice_by_case)}
+    return {"spec": spec, "models": {model: cases}, "timing": dict(TIMING, pipeline_wall_s=60.0 * (seed + 1))}
+
+
+def test_mean_std_over_seeds_and_nan_handling():
+    rng = np.random.default_rng(0)
+    dice = {s: rng.uniform(0.5, 0.9, 16) for s in (0, 1, 2)}
+    dice[2][3] = 0.0   # an empty prediction: ASD NaN, left out of the ASD mean, Dice 0 kept
+    recs = [_rec("MT", s, dice[s]) for s in (0, 1, 2)]
+    (row,) = qs.aggregate(recs)
+    per_seed = [dice[s].mean() for s in (0, 1, 2)]
+    assert row["n_seeds"] == 3 and row["seeds"] == [0, 1, 2]
+    assert row["dice"][0] == pytest.approx(np.mean(per_seed))
+    assert row["dice"][1] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["asd"][0] == pytest.approx(1.0)
+    assert row["wall_min"] == pytest.approx(2.0)        # (1 + 2 + 3) / 3 minutes
+    one = qs.aggregate(recs[:1])[0]
+    assert math.isnan(one["dice"][1])                    # one seed: no std
+    assert "± " not in qs._pm(one["dice"])
+
+
+def test_paired_comparison_matches_a_direct_computation():
+    from scipy.stats import wilcoxon
+
+    rng = np.random.default_rng(1)
+    base = {s: rng.uniform(0.6, 0.85, 16) for s in (0, 1, 2)}
+    gain = rng.normal(0.03, 0.02, 16)
+    recs = [_rec("MT", s, base[s]) for s in (0, 1, 2)]
+    recs += [_rec("CFR_MT", s, base[s] + gain) for s in (0, 1)]          # seed 2 missing for CFR_MT
+    (c,) = qs.paired(recs, "CFR_MT", "MT")
+    assert c["seeds"] == [0, 1] and c["n_cases"] == 16
+    diff = np.mean([base[s] + gain for s in (0, 1)], 0) - np.mean([base[s] for s in (0, 1)], 0)
+    assert c["mean_diff"] == pytest.approx(diff.mean())
+    assert c["wins"] == int((diff > 0).sum()) and c["losses"] == int((diff < 0).sum())
+    assert c["wilcoxon_p"] == pytest.approx(wilcoxon(diff).pvalue)
+    assert c["per_seed_diff"] == pytest.approx([gain.mean(), gain.mean()])
+    same = [_rec("MT", 0, base[0]), _rec("CFR_MT", 0, base[0])]
+    assert qs.paired(same)[0]["wilcoxon_p"] == 1.0 and qs.paired(same)[0]["ties"] == 16
+
+
+def test_markdown_groups_by_setting_and_split():
+    recs = [_rec("MT", 0, [0.7] * 16), _rec("CFR_MT", 0, [0.75] * 16), _rec("MT", 0, [0.123] * 16, split="test")]
+    other = _rec("MT", 1, [0.2] * 16)
+    other["spec"]["overrides"] = ["retrain.iterations=600"]
+    md = qs.to_markdown(recs + [other], "val")
+    assert md.count("| 4 | MT | 1 | 0.7000 |") == 1 and "| 4 | MT | 1 | 0.2000 |" in md
+    assert "0.1230" not in md                              # test records never leak into a val table
+    assert "| 4 | 1 | 16 | +0.0500 | 16 / 0 / 0 |" in md
+    assert md.count("Split `val`") == 2 and "overrides `retrain.iterations=600`" in md
+    gpu = _rec("MT", 0, [0.3] * 16)
+    gpu["spec"]["platform"] = {"torch": "2.11.0", "cuda": "H200", "cpu_bf16_native": True}
+    md = qs.to_markdown(recs + [gpu], "val")
+    assert md.count("Split `val`") == 2 and "GPU H200" in md and "| 4 | MT | 1 | 0.3000 |" in md
+
+
+# -------------------------------------------------------------------------------------------------- driver
+@pytest.mark.la
+def test_driver_runs_once_then_reuses_and_refuses_stale(la_dir, tmp_path, monkeypatch, capsys):
+    import quality_la
+
+    calls = []
+
+    def fake_run(cmd, check=False):           # the child process, without training: one record per split
+        job = json.loads(Path(cmd[-1]).read_text())
+        calls.append([s["split"] for s in job["specs"]])
+        for s in job["specs"]:
+            rr.write_record(Path(job["results"]), s, {"supervised": {c: {"dice": [0.5], "jaccard": [0.3],
+                            "asd": [2.0], "hd95": [9.0]} for c in s["split_ids"]}}, TIMING)
+
+        class R:
+            returncode = 0
+        return R()
+
+    monkeypatch.setattr(quality_la.subprocess, "run", fake_run)
+    monkeypatch.setattr(quality_la, "code_version", lambda: {"commit": "c0", "dirty": False, "diff_sha256": None})
+    argv = ["--data", str(la_dir), "--results", str(tmp_path), "--labeled", "4", "all", "--methods", "supervised",
+            "mt", "--seeds", "0", "1", "--split", "val"]
+    assert quality_la.main(argv) == 0
+    # L=4: supervised + mt, 2 seeds; the ceiling (L=48): supervised only, 2 seeds
+    assert calls == [["val"]] * 6
+    out = capsys.readouterr().out
+    assert "| all (48) | supervised | 2 | 0.5000 ± 0.0000 |" in out and "skipped" in out
+    assert quality_la.main(argv) == 0 and len(calls) == 6          # everything cached
+    assert quality_la.main(argv[:-1] + ["val", "test"]) == 0
+    assert calls[6:] == [["test"]] * 6                               # only the missing split runs
+    recs = rr.load_records(tmp_path / "records")
+    assert len(recs) == 12 and all(r["spec"]["code"]["commit"] == "c0" for r in recs)
+    # a changed override is another run, not the cached one
+    assert quality_la.main(argv + ["--set", "retrain.iterations=10"]) == 0 and len(calls) == 18
+    # a tampered record at a requested key is refused, and nothing runs
+    for p in (tmp_path / "records").glob("supervised_L4_seed0_val_*.json"):
+        d = json.loads(p.read_text())
+        d["spec"]["threads"] = 7
+        p.write_text(json.dumps(d))
+    assert quality_la.main(argv) == 2 and len(calls) == 18
+    assert "refusing to reuse" in capsys.readouterr().err
+    assert quality_la.main(["--results", str(tmp_path), "--summary-only"]) == 2
