@@ -108,12 +108,18 @@ def _cfg(**kw) -> RetrainConfig:
 
 
 class _CancelAfter:
+    """Set once the stage reported training iteration ``n`` (other cancel polls, e.g. while planning, do not
+    count), so the stage stops right after that iteration."""
+
     def __init__(self, n: int) -> None:
-        self.n, self.polls = n, 0
+        self.n, self.done = n, 0
+
+    def progress(self, ev) -> None:
+        if ev.stage == "retrain":
+            self.done = max(self.done, ev.step)
 
     def is_set(self) -> bool:
-        self.polls += 1
-        return self.polls > self.n
+        return self.done >= self.n
 
 
 def test_resume_is_bit_exact_with_blending_state(synth4, tmp_path):
@@ -121,7 +127,8 @@ def test_resume_is_bit_exact_with_blending_state(synth4, tmp_path):
     run_retrain(cfg, synth4, LocalStore(tmp_path / "a"))
     crashed = LocalStore(tmp_path / "b")
     with pytest.raises(Cancelled):
-        run_retrain(cfg, synth4, crashed, cancel=_CancelAfter(5))
+        stop = _CancelAfter(5)
+        run_retrain(cfg, synth4, crashed, cancel=stop, progress=stop.progress)
     ck = load_checkpoint(crashed)
     assert ck["iteration"] == 5 and ck["method"]["dist"] is not None      # blending state is checkpointed
     torch.manual_seed(999)

@@ -53,7 +53,7 @@ def client(stack):
 @pytest.fixture(scope="module")
 def dataset(client, tmp_path_factory):
     return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
-                                 holdout=1, name="reliab")
+                                 holdout=1, name="reliab", num_classes=2)
 
 
 def s3(stack) -> Minio:

@@ -216,7 +216,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         "pictures": pictures,
     }
     put_json(store, "report.json", _clean(report))
-    md = _report_md(report, config, list(data.names)[1:])
+    md = _report_md(report, config, _fg_names(data))
     store.put_bytes("report.md", md.encode())
     emit(progress, ProgressEvent("report", 1, 1, message="done"))
     return PipelineResult(report, _summary_text(report), store)
@@ -267,7 +267,7 @@ def _pictures(config: PipelineConfig, data: Manifest, store: Store, rt_store: St
                 panels = [("ground truth", gt.array if gt is not None else None), ("SAM pseudo-label", pl.array),
                           ("final 3D model", pred.array)]
                 p = overlay_png(Path(tmp) / f"{c.case_id}.png", image.array, panels, title=c.case_id,
-                                num_classes=data.num_classes, class_names=list(data.names)[1:])
+                                num_classes=data.num_classes, class_names=_fg_names(data))
                 store.put_file(f"overlays/{c.case_id}.png", p)
                 out.append(f"overlays/{c.case_id}.png")
     return out
@@ -343,3 +343,9 @@ def _summary_text(report: Mapping[str, Any]) -> str:
 
 def load_report(store: Store) -> dict[str, Any]:
     return json.loads(store.get_bytes("report.json"))
+
+
+def _fg_names(data: Any) -> list[str] | None:
+    """The foreground class names the dataset declares (None: tables and overlays say "class c")."""
+    names = getattr(data, "class_names", None)
+    return list(names)[1:] if names else None

@@ -19,15 +19,23 @@ from __future__ import annotations
 import hashlib
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from cfrseg.accumulate import ArgmaxSink, FullSink, SampleSink, Sink, SweepAccumulator, SweepResampler, Unorient
+from cfrseg.accumulate import (
+    ArgmaxSink,
+    FullSink,
+    SampleSink,
+    Sink,
+    SweepAccumulator,
+    SweepResampler,
+    Unorient,
+)
 from cfrseg.config import ConfigBase, require
 from cfrseg.data.manifest import ROLES, Case, Manifest
 from cfrseg.data.plan import PLAN_KEY, Plan
@@ -323,8 +331,8 @@ def calibrate(config: PseudolabelConfig, data: Manifest, cases: list[Case], mode
         check_cancel(cancel, STAGE)
         image, _ = load_case(case, data, check_pseudo=False)
         sample = _predict(config, model, image, data.num_classes, device, cancel,
-                          lambda ax: SampleSink(image.shape, data.num_classes, ax, config.calibration_voxels,
-                                                seed=i))
+                          lambda ax, shape=image.shape, seed=i: SampleSink(
+                              shape, data.num_classes, ax, config.calibration_voxels, seed=seed))
         samples.append(sample.samples)   # voxels drawn uniformly with a fixed seed (cf. calibrate.subsample)
         emit(progress, ProgressEvent(STAGE, 0, len(cases), message=f"calibrating on {case.case_id} ({i + 1}/{n})"))
     pooled = torch.cat(samples)
@@ -428,8 +436,8 @@ def run_pseudolabel(
             tc = time.monotonic()
             image, _gt = load_case(case, data, check_pseudo=False)
             sink = _predict(config, model, image, data.num_classes, device, cancel,
-                            lambda ax: ArgmaxSink(image.shape, data.num_classes, ax, confidence=True,
-                                                  class_weights=weights))
+                            lambda ax, shape=image.shape: ArgmaxSink(shape, data.num_classes, ax, confidence=True,
+                                                                     class_weights=weights))
             lab, conf = sink.labels, sink.confidence
             if config.write_confidence:
                 _put_volume(store, ck, image.with_array(conf), label=False)
@@ -485,7 +493,8 @@ def evaluate_sam(
             raise InputError(f"evaluate_sam: case {case.case_id!r} has no label")
         tc = time.monotonic()
         sink = _predict(config, model, image, data.num_classes, device, cancel,
-                        lambda ax: ArgmaxSink(image.shape, data.num_classes, ax, class_weights=class_weights))
+                        lambda ax, shape=image.shape: ArgmaxSink(shape, data.num_classes, ax,
+                                                                 class_weights=class_weights))
         lab = sink.labels
         out["seconds"][case.case_id] = round(time.monotonic() - tc, 2)
         out["cases"][case.case_id] = compute_case(lab, gt.array, image.spacing, data.num_classes)
