@@ -218,7 +218,7 @@ def _pl(r: Any) -> dict[str, Any]:
 def _rt(r: Any, n: int, store: Path) -> dict[str, Any]:
     cfg = json.loads((store / "config.json").read_text())
     return {"iterations": r.iterations, "train_s": r.wall_s, "s_per_iteration": r.wall_s / max(n, 1),
-            "patch": cfg["patch"], "n_filters": cfg["network_kwargs"].get("n_filters"),
+            "patch": cfg["patch"], "network": cfg["network"], "n_filters": cfg["network_kwargs"].get("n_filters"),
             "final_loss": r.final_losses.get("loss")}
 
 
@@ -240,8 +240,9 @@ def table(res: dict[str, Any]) -> str:
             rows.append([name, f"{r['seconds']:.1f}", "", "", r["error"][:60]])
             continue
         per = f"{r['s_per_iteration']:.3f}" if "s_per_iteration" in r else ""
-        note = (f"{r.get('iterations')} it" + (f", patch {r['patch']}, V-Net {r['n_filters']} filters"
-                                                if "patch" in r else "")) if "iterations" in r else ""
+        net = r.get("network", "vnet") + (f" ({r['n_filters']} filters)" if r.get("n_filters") else "")
+        note = (f"{r.get('iterations')} it" + (f", patch {r['patch']}, {net}" if "patch" in r else "")
+                if "iterations" in r else "")
         rows.append([name, f"{r.get('seconds', 0):.1f}", per, f"{r.get('peak_mb', 0):.0f}", note])
     env = res["environment"]
     head = (f"torch {env['torch']}, cuda {env['cuda']}, device {env['device_name']}, bf16 {env['bf16']}; "
