@@ -183,7 +183,8 @@ def test_stack_is_healthy_and_shares_the_gpu_lock_folder(stack):
 def test_tiny_run_through_the_gateway(stack, phases, la_dir, la_ids, tmp_path_factory):
     t0 = time.monotonic()
     data = write_cropped_la(la_dir, la_ids[:3], tmp_path_factory.mktemp("la3"), size=(48, 48, 32))
-    out = ok(stack, "upload-dataset", str(data), "--labeled", "1", "--holdout", "1", "--name", "la3")
+    out = ok(stack, "upload-dataset", str(data), "--num-classes", "2", "--labeled", "1", "--holdout", "1",
+             "--name", "la3")
     assert "1 labeled, 1 unlabeled, 1 test" in out, out
     ds = out.split()[1].rstrip(":")
     run_id = ok(stack, "submit", "--dataset", ds, "--profile", "tiny", "--ssl", "mt", "--name", "ci-tiny").split()[0]
