@@ -15,6 +15,11 @@ A :class:`Plan` (JSON in every artifact: ``finetune.pt``, the pseudo-label store
   (SAM); MR (any non-CT modality) z-scores each volume on its own (SAM: per-volume 0.5 / 99.5 percentiles to
   [0, 1]).
 - **patch size** in voxels from a physical size (:meth:`Plan.patch_voxels`).
+- **few thick slices** (``keep_slices``): when the slice axis of the median case holds fewer than a third of the
+  voxels of its smaller in-plane axis at the target spacing (ACDC's 6-18 slices; any anisotropic plan), no stage
+  coarsens it: a stage's ``spacing_factor`` along the slice axis is capped at 1 (:meth:`Plan.stage_factor`),
+  since halving 9 slices to 5 throws away half of the through-plane information. Plans written before this rule
+  (no ``keep_slices`` key) replay as they were made.
 
 Replaying it at inference (:func:`prepare_image`, :func:`restore`) and mapping predictions back gives labels
 in each input's own source geometry (shape, spacing, origin, direction).
@@ -65,6 +70,7 @@ class Plan:
     fingerprint: str = ""                           # sha256 of the fingerprint the plan was made from
     orientation: str = CANONICAL
     version: int = VERSION
+    keep_slices: bool = False                       # few thick slices: stages never coarsen the slice axis
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "target_spacing", tuple(float(s) for s in self.target_spacing))
@@ -95,10 +101,20 @@ class Plan:
         """Source array axes -> working axes: canonical LPS, then the slice axis last."""
         return canonical_map(direction).then(AxisMap(self.working_order))
 
+    def stage_factor(self, factor: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[float, float, float]:
+        """A stage's ``spacing_factor`` (working axes) as this plan applies it: with ``keep_slices`` the slice
+        axis factor is capped at 1 (never coarsened; a factor below 1 still refines it)."""
+        if len(factor) != 3:
+            raise ConfigError(f"plan: spacing factor must have three values, got {tuple(factor)!r}")
+        f = [float(v) for v in factor]
+        if self.keep_slices:
+            f[2] = min(f[2], 1.0)
+        return tuple(f)  # type: ignore[return-value]
+
     def working_spacing(self, factor: Sequence[float] = (1.0, 1.0, 1.0)) -> tuple[float, float, float]:
-        """The grid a stage works on (mm, working axes): target spacing x ``factor`` (per working axis)."""
+        """The grid a stage works on (mm, working axes): target spacing x :meth:`stage_factor` of ``factor``."""
         t = [self.target_spacing[a] for a in self.working_order]
-        return tuple(float(s * f) for s, f in zip(t, factor))  # type: ignore[return-value]
+        return tuple(float(s * f) for s, f in zip(t, self.stage_factor(factor)))  # type: ignore[return-value]
 
     def geometry(self, volume: Volume, factor: Sequence[float] = (1.0, 1.0, 1.0),
                  spacing: Sequence[float] | None = None) -> CaseGeometry:
@@ -116,7 +132,7 @@ class Plan:
         sp = self.working_spacing(factor)
         med = [self.median_shape[a] for a in self.working_order]
         out = []
-        for mm, s, m, f in zip(patch_mm, sp, med, factor):
+        for mm, s, m, f in zip(patch_mm, sp, med, self.stage_factor(factor)):
             n = max(multiple, int(round(mm / s / multiple)) * multiple)
             if m > 0:
                 cap = math.ceil(m / f / multiple) * multiple
@@ -162,7 +178,8 @@ class Plan:
     def describe(self) -> str:
         sp = ", ".join(f"{s:g}" for s in self.target_spacing)
         return (f"{self.modality}, {self.orientation}, target spacing ({sp}) mm, slice axis "
-                f"{'xyz'[self.slice_axis]}{' (anisotropic)' if self.anisotropic else ''}, "
+                f"{'xyz'[self.slice_axis]}{' (anisotropic)' if self.anisotropic else ''}"
+                f"{' (few thick slices: never coarsened)' if self.keep_slices else ''}, "
                 f"normalization {self.normalization['scheme']}")
 
 
@@ -189,6 +206,8 @@ def make_plan(fingerprint: dict[str, Any], anisotropy: float = ANISOTROPY) -> Pl
         target[w] = max(t, float(target[others].max()) + 1e-5)
     median_shape = np.median(np.array([target_shape(c["canonical_shape"], c["canonical_spacing"], target)
                                        for c in cases]), axis=0)
+    # few thick slices (by spacing, or by count when the files' spacing is nominal as ACDC's): keep every slice
+    keep = bool(aniso or median_shape[w] * anisotropy < median_shape[others].min())
     if fingerprint["modality"] == "CT":
         fg = fingerprint["foreground"]
         if not fg.get("n"):
@@ -198,7 +217,7 @@ def make_plan(fingerprint: dict[str, Any], anisotropy: float = ANISOTROPY) -> Pl
         norm = {"scheme": "per_volume"}
     return Plan(fingerprint["modality"], tuple(float(t) for t in target), w, norm,  # type: ignore[arg-type]
                 tuple(int(round(m)) for m in median_shape), aniso,  # type: ignore[arg-type]
-                digest(fingerprint))
+                digest(fingerprint), keep_slices=keep)
 
 
 # ------------------------------------------------------------------------------ the 3D network's path
