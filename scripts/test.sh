@@ -11,6 +11,10 @@ if [ -z "${CFRSEG_LA_DIR:-}" ] && [ -d ../shared/data/la2018 ]; then
   export CFRSEG_LA_DIR="$(cd ../shared/data/la2018 && pwd)"
 fi
 [ -n "${CFRSEG_LA_DIR:-}" ] || echo "[test] CFRSEG_LA_DIR not set and ../shared/data/la2018 absent: LA tests will be skipped"
+if [ -z "${CFRSEG_ACDC_DIR:-}" ] && [ -d ../shared/data/acdc ]; then
+  export CFRSEG_ACDC_DIR="$(cd ../shared/data/acdc && pwd)"
+fi
+[ -n "${CFRSEG_ACDC_DIR:-}" ] || echo "[test] CFRSEG_ACDC_DIR not set and ../shared/data/acdc absent: ACDC tests will be skipped"
 .venv/bin/python -m pytest tests -m "not containers" "$@"
 rc=0
 .venv/bin/python -m pytest tests -m containers "$@" || rc=$?
