@@ -114,10 +114,14 @@ class _Progress:
 
 def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], dict[str, Any]]:
     """Train (or reuse) and evaluate one spec; returns ({model: {case: metrics}}, extra)."""
+    return evaluate_manifest(spec, protocol.manifest(data, spec["L"], [spec["split"]]), store)
+
+
+def evaluate_manifest(spec: dict[str, Any], man, store) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train (or reuse) ``spec``'s method on manifest ``man`` and evaluate it on ``man.test`` (the split)."""
     from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
     from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
 
-    man = protocol.manifest(data, spec["L"], [spec["split"]])
     assert [c.case_id for c in man.test] == spec["split_ids"], "manifest and spec disagree on the split"
     method, prof = spec["method"], spec["resolved"]
     prog = _Progress(f"{method} L={spec['L']} seed={spec['seed']} {spec['split']}")
@@ -140,8 +144,9 @@ def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], d
     return {model_names(method)[0]: ev["cases"]}, {"train_wall_s": res.wall_s, "final_losses": res.final_losses}
 
 
-def run_one(job_file: str) -> None:
-    """Child process: train one (L, method, seed) and write one record per split of the job."""
+def run_one(job_file: str, evaluate=None) -> None:
+    """Child process: train one (L, method, seed) and write one record per split of the job (``evaluate``:
+    (spec, data, store) -> (models, extra), default LA's)."""
     import torch
 
     from cfrseg.store import LocalStore
@@ -159,7 +164,7 @@ def run_one(job_file: str) -> None:
         assert train_key(spec) == train_key(specs[0])
         fresh = not tfile.is_file()
         w0, c0 = time.perf_counter(), _cpu_s()
-        models, extra = _evaluate(spec, job["data"], store)
+        models, extra = (evaluate or _evaluate)(spec, job["data"], store)
         this = {"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(_cpu_s() - c0, 1),
                 "peak_rss_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads(),
                 "load_avg_1m": os.getloadavg()[0], "split": spec["split"]}

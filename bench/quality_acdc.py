@@ -1,0 +1,210 @@
+"""Quality of CFR on ACDC (4 classes: RV, Myo, LV) on the validation split: one JSON record per run.
+
+Splits by patient (bench/acdc_protocol.py): validation = the last 10 patients of splits.json's ``train`` list,
+pool = its first 60 patients, the first L labeled (both frames) and the rest unlabeled (labels never read).
+splits.json's ``val`` list is never read: it is kept as a future test split, so this benchmark has only the
+``val`` split and every figure it prints is a validation figure.
+
+Methods as bench/quality_la.py: ``supervised``, an SSL method of the re-train stage (``mt``, ``magicnet``...),
+and ``cfr_<ssl>`` (the whole CFR pipeline; it also scores SAM alone, the CFR_FT row). Each (L, method, seed) runs
+in its own process (wall time, CPU time and peak RSS are its own); a record is reused only when its whole spec
+(profile, resolved settings, overrides, seed, ids, subset, code version, threads: bench/run_records.py) is equal.
+The tables give per-class and mean Dice and HD95 **in voxels** (the files carry a nominal 1 mm spacing, so the
+metric code's millimetres are voxel steps; one step along z is several in-plane steps in reality), mean over
+validation frames, then mean ± std over seeds; wall time and peak RSS of the run.
+
+  nice -n 10 .venv/bin/python bench/quality_acdc.py --labeled 3 14 \\
+      --methods supervised mt cfr_mt magicnet cfr_magicnet --seeds 0 1 2 --threads 2
+  .venv/bin/python bench/quality_acdc.py --summary-only
+  # smoke run (proves the plumbing, numbers mean nothing): 3 pool patients, 1 validation patient
+  .venv/bin/python bench/quality_acdc.py --profile tiny --labeled 1 --max-pool 3 --max-val 1 \\
+      --results /tmp/qa_smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import acdc_protocol as ap_
+import quality_la as qla
+from run_records import StaleRecord, canonical, code_version, load_cached, load_records, train_key
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_acdc"
+DEFAULT_METHODS = ["supervised", "mt", "cfr_mt", "magicnet", "cfr_magicnet"]
+MODEL_ORDER = ("supervised", "MT", "CFR_FT", "CFR_MT", "MAGICNET", "CFR_MAGICNET")
+
+
+def make_spec(args: argparse.Namespace, L: int, method: str, seed: int, code: dict[str, Any],
+              ids: list[str], sha: str) -> dict[str, Any]:
+    r = ap_.roles(ids, L, args.max_pool, args.max_val)
+    return {"bench": "quality_acdc", "profile": args.profile,
+            "resolved": qla.resolved_profile(args.profile, args.set, seed), "overrides": list(args.set),
+            "seed": seed, "L": L, "ceiling": not r["unlabeled"], "method": method, "split": "val",
+            "split_ids": r["test"], "labeled_ids": r["labeled"], "unlabeled_ids": r["unlabeled"],
+            "subset": {"max_pool": args.max_pool, "max_val": args.max_val}, "data_list_sha256": sha,
+            "code": code, "platform": qla.platform_info(), "threads": args.threads}
+
+
+def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], dict[str, Any]]:
+    sub = spec["subset"]
+    man = ap_.manifest(data, spec["L"], sub["max_pool"], sub["max_val"])
+    if [c.case_id for c in man.labeled] != spec["labeled_ids"]:
+        raise RuntimeError("manifest and spec disagree on the labeled frames")
+    return qla.evaluate_manifest(spec, man, store)
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def _class_means(cases: dict[str, Any], metric: str, k: int) -> list[float]:
+    """Per foreground class: the mean over frames (NaN / None left out; NaN when none)."""
+    out = []
+    for j in range(k):
+        v = [c[metric][j] for c in cases.values() if c[metric][j] is not None and not math.isnan(c[metric][j])]
+        out.append(float(np.mean(v)) if v else math.nan)
+    return out
+
+
+def _fmt(v: float, f: str = ".3f") -> str:
+    return "n/a" if v is None or math.isnan(v) else format(v, f)
+
+
+def _pm(vals: list[float], f: str = ".3f") -> str:
+    v = [x for x in vals if not math.isnan(x)]
+    if not v:
+        return "n/a"
+    return _fmt(float(np.mean(v)), f) + (f" ± {np.std(v, ddof=1):{f}}" if len(v) > 1 else "")
+
+
+def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
+    """Per (setting, L, model): per-class and mean Dice and HD95 (voxels), mean ± std over seeds; wall time
+    and peak RSS of the runs."""
+    if not records:
+        return "(no ACDC records)\n"
+    k = len(names)
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        s = r["spec"]
+        groups[canonical({"profile": s["profile"], "overrides": s["overrides"], "code": s["code"],
+                          "subset": s.get("subset")})].append(r)
+    lines: list[str] = []
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    for _, rs in sorted(groups.items()):
+        s = rs[0]["spec"]
+        lines += [(f"Split `val` ({len(s['split_ids'])} frames); profile `{s['profile']}`, overrides "
+                  f"`{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code "
+                  f"{(s['code'].get('commit') or '?')[:10]}{' (dirty)' if s['code'].get('dirty') else ''}. "
+                  "HD95 in voxels."), "",
+                  "| L | model | seeds | " + " | ".join(f"Dice {n}" for n in names) + " | Dice mean | "
+                  + " | ".join(f"HD95 {n}" for n in names) + " | HD95 mean | wall (min) | peak RSS (GB) |",
+                  "|" + "---|" * (2 * k + 7)]
+        by: dict[tuple[int, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+        for r in rs:     # one record per seed: CFR_FT (SAM alone) comes from every cfr_<ssl> run of a seed
+            for model in r["models"]:
+                by[(r["spec"]["L"], model)].setdefault(r["spec"]["seed"], r)
+        for (L, model), per_seed in sorted(by.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 99), kv[0][1])):
+            recs = [per_seed[k] for k in sorted(per_seed)]
+            dice = [_class_means(r["models"][model], "dice", k) for r in recs]
+            hd = [_class_means(r["models"][model], "hd95", k) for r in recs]
+            cells = [_pm([d[j] for d in dice]) for j in range(k)] + [_pm([float(np.nanmean(d)) for d in dice])]
+            cells += [_pm([h[j] for h in hd], ".2f") for j in range(k)]
+            cells += [_pm([float(np.nanmean(h)) if not all(map(math.isnan, h)) else math.nan for h in hd], ".2f")]
+            own = model != "CFR_FT"          # SAM alone is a by-product of the CFR run: no time of its own
+            wall = [r["timing"].get("pipeline_wall_s", math.nan) / 60 for r in recs]
+            rss = max((r["timing"].get("peak_rss_mb") or math.nan) / 1024 for r in recs)
+            lines.append(f"| {L} | {model} | {len(recs)} | " + " | ".join(cells)
+                         + f" | {_pm(wall, '.1f') if own else ''} | {_fmt(rss, '.2f') if own else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def class_names(data: str) -> list[str]:
+    from cfrseg.data.datasets import manifest_from_nnunet
+
+    names = manifest_from_nnunet(data).class_names
+    return list(names[1:]) if names else []
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--data", default=os.environ.get("CFRSEG_ACDC_DIR", "../shared/data/acdc"))
+    ap.add_argument("--labeled", nargs="+", type=int, default=[3, 14], help="L: labeled patients")
+    ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--profile", default="lite")
+    ap.add_argument("--set", action="append", default=[], help="profile override stage.key=JSON (all runs)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    ap.add_argument("--max-pool", type=int, help="smoke runs: only the first N pool patients")
+    ap.add_argument("--max-val", type=int, help="smoke runs: only the first N validation patients")
+    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="records in <results>/records, stores in "
+                    "<results>/runs")
+    ap.add_argument("--summary-only", action="store_true", help="only print the tables of stored records")
+    ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.one:
+        qla.run_one(args.one, evaluate=_evaluate)
+        return 0
+    results = Path(args.results)
+    records_dir = results / "records"
+    if not args.summary_only:
+        try:
+            ids, sha = ap_.read_train(args.data)
+            for L in args.labeled:
+                ap_.roles(ids, L, args.max_pool, args.max_val)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for m in args.methods:
+            qla.check_method(m)
+        code = code_version()
+        for L in args.labeled:
+            for m in args.methods:
+                for seed in args.seeds:
+                    spec = make_spec(args, L, m, seed, code, ids, sha)
+                    tag = f"L={L} {m} seed={seed}"
+                    if spec["ceiling"] and m != "supervised":
+                        print(f"== {tag}: skipped (no unlabeled patient left)")
+                        continue
+                    try:
+                        cached = load_cached(records_dir, spec)
+                    except StaleRecord as e:
+                        print(f"error: {e}", file=sys.stderr)
+                        return 2
+                    if cached is not None:
+                        print(f"== {tag}: cached")
+                        continue
+                    print(f"== {tag}: {'would run' if args.plan else 'running'}", flush=True)
+                    if args.plan:
+                        continue
+                    job = results / "jobs" / f"{m}_L{L}_seed{seed}_{train_key(spec)[:16]}.json"
+                    job.parent.mkdir(parents=True, exist_ok=True)
+                    job.write_text(json.dumps({"specs": [spec], "data": str(args.data), "work": str(results / "runs"),
+                                               "results": str(records_dir)}))
+                    r = subprocess.run([sys.executable, __file__, "--one", str(job)], check=False)
+                    if r.returncode != 0:
+                        print(f"== {tag}: failed (exit {r.returncode})", file=sys.stderr)
+                        return 1
+    try:
+        recs = [r for r in (load_records(records_dir) if records_dir.is_dir() else [])
+                if r["spec"].get("bench") == "quality_acdc"]
+    except StaleRecord as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_markdown(recs, class_names(args.data)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
