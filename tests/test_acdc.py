@@ -133,6 +133,8 @@ def test_plan_keeps_few_thick_slices_and_nothing_else():
     la = make_plan(_fingerprint([(192, 142, 88)] * 3))
     assert not la.keep_slices
     assert la.geometry(Volume(np.zeros((192, 142, 88), np.float32)), (2.0, 2.0, 2.0)).working_shape == (96, 71, 44)
-    # a plan written before the rule (no key) replays as it was made
+    # a plan written before the rule (no key) replays as it was made; plans it leaves alone serialise as before
     old = {k: v for k, v in acdc.to_dict().items() if k != "keep_slices"}
     assert Plan.from_dict(old).geometry(vol, (2.0, 2.0, 2.0)).working_shape == (108, 128, 4)
+    assert acdc.to_dict()["keep_slices"] is True and "keep_slices" not in la.to_dict()
+    assert Plan.from_dict(acdc.to_dict()) == acdc and Plan.from_dict(la.to_dict()) == la

@@ -161,7 +161,12 @@ class Plan:
 
     # ---- serialisation
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
+        """JSON-ready dict; ``keep_slices`` only when true, so plans the rule does not touch keep the JSON (and
+        digest) they had before it existed."""
+        d = json.loads(json.dumps(asdict(self)))
+        if not self.keep_slices:
+            del d["keep_slices"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
