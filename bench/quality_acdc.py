@@ -127,11 +127,19 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def class_names(data: str) -> list[str]:
+def class_names(data: str, records: list[dict[str, Any]]) -> list[str]:
+    """Foreground class names from the data's dataset.json; ``class j`` when the folder is not readable."""
     from cfrseg.data.datasets import manifest_from_nnunet
+    from cfrseg.errors import CfrsegError
 
-    names = manifest_from_nnunet(data).class_names
-    return list(names[1:]) if names else []
+    try:
+        names = manifest_from_nnunet(data).class_names
+        if names:
+            return list(names[1:])
+    except (CfrsegError, OSError):
+        pass
+    first = next(iter(next(iter(records[0]["models"].values())).values())) if records else {"dice": []}
+    return [f"class {j + 1}" for j in range(len(first["dice"]))]
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -202,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     except StaleRecord as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(recs, class_names(args.data)))
+    print(to_markdown(recs, class_names(args.data, recs)))
     return 0
 
 
