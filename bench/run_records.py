@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from _common import _clean  # bench/ is on sys.path for every caller (benchmarks and tests)
 
 REPO = Path(__file__).resolve().parents[1]
 #: spec fields that do not change what is trained (the trained model can be shared across them)
@@ -88,18 +89,6 @@ def load_cached(results: Path, spec: Mapping[str, Any]) -> dict[str, Any] | None
         raise StaleRecord(f"{path}: stored run differs in {diff or ['key']}; refusing to reuse it "
                           f"(delete the file to run again)")
     return rec
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def write_record(results: Path, spec: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],

@@ -89,3 +89,26 @@ def cfrseg(*args: str, timeout: float = 180, env: dict[str, str] | None = None):
     full = {**os.environ, "PYTHONPATH": str(root), **(env or {})}
     return subprocess.run([sys.executable, "-m", "cfrseg.cli", *args], cwd=root, env=full, capture_output=True,
                           encoding="utf-8", errors="replace", timeout=timeout, check=False)
+
+
+# A fake-step stack tuned for fault tests: short steps, a short Celery visibility timeout and watchdog, so that
+# killed workers and lost messages are noticed within seconds (tests/test_orchestrator_faults.py,
+# tests/test_stack_reliability.py).
+FAULT_ENV = {"CFRSEG_FAKE_STEPS": "8", "CFRSEG_FAKE_STEP_S": "0.4", "CFRSEG_VISIBILITY_TIMEOUT_S": "10",
+             "CFRSEG_WATCHDOG_S": "2", "CFRSEG_STALE_S": "12"}
+
+
+def fault_stack(tmp_path_factory, name: str, **kw: Any):
+    """Generator for a module fixture: a started fault-test stack (``kw`` go to :func:`start_stack`), torn down
+    and removed afterwards."""
+    d = tmp_path_factory.mktemp(name)
+    st = start_stack(d / "stack", env=dict(FAULT_ENV), **kw)
+    yield st
+    st.down()
+    cleanup(d / "stack")
+
+
+def small_dataset(client, tmp_path_factory, name: str):
+    """Three small binary cases uploaded through ``client``: 1 labeled, 1 unlabeled, 1 held out."""
+    return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
+                                 holdout=1, name=name, num_classes=2)

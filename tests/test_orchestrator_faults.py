@@ -10,20 +10,19 @@ import time
 import pytest
 
 from services.sdk import Client, state_name
-from tests.stack_helpers import cleanup, dump_logs, make_dataset, start_stack, wait_until
+from tests.stack_helpers import (
+    dump_logs,
+    fault_stack,
+    small_dataset,
+    wait_until,
+)
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    d = tmp_path_factory.mktemp("faults")
-    st = start_stack(d / "stack", env={"CFRSEG_FAKE_STEPS": "8", "CFRSEG_FAKE_STEP_S": "0.4",
-                                       "CFRSEG_VISIBILITY_TIMEOUT_S": "10", "CFRSEG_WATCHDOG_S": "2",
-                                       "CFRSEG_STALE_S": "12"})
-    yield st
-    st.down()
-    cleanup(d / "stack")
+    yield from fault_stack(tmp_path_factory, "faults")
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +33,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def dataset(client, tmp_path_factory):
-    return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
-                                 holdout=1, name="faults", num_classes=2)
+    return small_dataset(client, tmp_path_factory, "faults")
 
 
 def executions(client, run_id, stage, tmp_path) -> list[dict]:

@@ -26,7 +26,12 @@ from services.gen.cfrseg.v1.common_pb2 import ObjectRef, StartStageRequest
 from services.gen.cfrseg.v1.finetune_pb2_grpc import FinetuneServiceStub
 from services.sdk import Client, state_name
 from tests.servers import run_redis
-from tests.stack_helpers import cleanup, dump_logs, make_dataset, start_stack, wait_until
+from tests.stack_helpers import (
+    dump_logs,
+    fault_stack,
+    small_dataset,
+    wait_until,
+)
 from tests.test_orchestrator_faults import executions, finish, stage_step
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -35,13 +40,7 @@ OUTAGE_S = 30.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    d = tmp_path_factory.mktemp("reliab")
-    st = start_stack(d / "stack", env={"CFRSEG_FAKE_STEPS": "8", "CFRSEG_FAKE_STEP_S": "0.4",
-                                       "CFRSEG_VISIBILITY_TIMEOUT_S": "10", "CFRSEG_WATCHDOG_S": "2",
-                                       "CFRSEG_STALE_S": "12"}, redis_aof=True)
-    yield st
-    st.down()
-    cleanup(d / "stack")
+    yield from fault_stack(tmp_path_factory, "reliab", redis_aof=True)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +51,7 @@ def client(stack):
 
 @pytest.fixture(scope="module")
 def dataset(client, tmp_path_factory):
-    return client.create_dataset(make_dataset(tmp_path_factory.mktemp("data") / "set", n=3), labeled=1,
-                                 holdout=1, name="reliab", num_classes=2)
+    return small_dataset(client, tmp_path_factory, "reliab")
 
 
 def s3(stack) -> Minio:

@@ -21,8 +21,9 @@ A :class:`Plan` (JSON in every artifact: ``finetune.pt``, the pseudo-label store
   since halving 9 slices to 5 throws away half of the through-plane information. Plans written before this rule
   (no ``keep_slices`` key) replay as they were made.
 
-Replaying it at inference (:func:`prepare_image`, :func:`restore`) and mapping predictions back gives labels
-in each input's own source geometry (shape, spacing, origin, direction).
+Replaying it at inference (:func:`prepare_image`) and streaming predictions back through
+:class:`cfrseg.accumulate.Unorient` gives labels in each input's own source geometry (shape, spacing, origin,
+direction).
 """
 
 from __future__ import annotations
@@ -245,13 +246,6 @@ def prepare_label(label: np.ndarray, geo: CaseGeometry) -> np.ndarray:
     t = torch.from_numpy(np.ascontiguousarray(geo.amap.apply(np.asarray(label))).astype(np.int64))
     dtype = np.uint8 if label.max(initial=0) < 256 else np.uint16
     return resize_label(t, geo.working_shape).numpy().astype(dtype)
-
-
-def restore(probs: torch.Tensor, geo: CaseGeometry) -> torch.Tensor:
-    """Probabilities (K, *working_shape) back to the source grid (K, X, Y, Z): trilinear to the oriented
-    source shape, then the inverse axis map (exact)."""
-    back = resize_image(probs, geo.oriented_shape, "linear")
-    return geo.amap.invert(back).contiguous()
 
 
 # ------------------------------------------------------------------------------ planning a manifest
