@@ -95,6 +95,8 @@ def test_tiny_pipeline_on_real_acdc(run):
         assert set(rep["metrics"][key]["holdout"]["cases"]) == {c.case_id for c in data.test}
     md = (out / "report.md").read_text(encoding="utf-8")
     assert all(f"| {n} |" in md for n in NAMES[1:]) and "mean over classes" in md
+    # every frame carries ACDC's nominal 1 mm spacing: distances are labelled as voxel steps
+    assert rep["distance_unit"] == "mm = voxels" and "**hd95 (mm = voxels)**" in md and "HD95 in mm = voxels" in md
     # pseudo-labels: one 4-class map per unlabeled frame, in that frame's own source geometry
     for c in data.unlabeled:
         pl = read_volume(out / "pseudolabel/labels" / f"{c.case_id}.nii.gz")

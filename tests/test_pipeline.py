@@ -29,6 +29,7 @@ def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None
     assert rep["dataset"] == {"name": rep["dataset"]["name"], "num_classes": 2, "labeled": 1, "unlabeled": 2,
                               "test": {"holdout": 1}, "class_names": ["background", "atrium"], "modality": "MR"}
     assert rep["plan"]["orientation"] == "LPS" and rep["plan"]["target_spacing"] == [0.625] * 3
+    assert rep["distance_unit"] == "mm"  # LA has a real 0.625 mm spacing
     assert rep["finetune"]["iterations"] == 4 and rep["retrain"]["iterations"] == 6
     for key in ("CFR_FT", "final"):
         s = rep["metrics"][key]["holdout"]["summary"]

@@ -83,3 +83,13 @@ def compute_fingerprint(data: Manifest, *, progress: ProgressFn | None = None,
     return {"version": VERSION, "manifest": digest(manifest_record(data, cases)), "modality": data.modality,
             "num_classes": data.num_classes, "class_names": list(data.names), "cases": geoms,
             "class_voxels": [int(v) for v in counts], "foreground": stats}
+
+
+def distance_unit(fingerprint: dict[str, Any]) -> str:
+    """The unit to print next to surface distances (ASD, HD95): "mm", or "mm = voxels" when every case carries a
+    1 mm isotropic spacing. Such data often has no real spacing (e.g. the shared ACDC copy: a nominal 1 mm), and
+    then its distances are voxel steps; with a real 1 mm grid both readings give the same numbers."""
+    cases = fingerprint.get("cases") or []
+    if cases and all(all(float(s) == 1.0 for s in c["spacing"]) for c in cases):
+        return "mm = voxels"
+    return "mm"

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from cfrseg.data.fingerprint import distance_unit
 from cfrseg.data.manifest import Case, Manifest
 from cfrseg.data.plan import Plan, fingerprint_and_plan, save_plan
 from cfrseg.errors import ConfigError, InputError
@@ -202,6 +203,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
                     "unlabeled": len(data.unlabeled), "test": {n: len(c) for n, _, c in sets},
                     "class_names": list(data.names), "modality": data.modality},
         "plan": plan.to_dict(),
+        "distance_unit": distance_unit(fingerprint),
         "timings_s": dict(timings, total=round(time.monotonic() - t_all, 1)),
         "peak_rss_mb": dict(peaks, overall=round(_peak_rss_mb(), 1)),
         "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from},
@@ -293,7 +295,8 @@ def _report_md(report: Mapping[str, Any], config: PipelineConfig, class_names: A
               f"SAM `{config.finetune.model}` fine-tuned {report['finetune']['iterations']} iterations; "
               f"3D network `{config.retrain.network}` re-trained with `{config.retrain.ssl}` for "
               f"{report['retrain']['iterations']} iterations (evaluated: {config.retrain.evaluate} weights).", ""]
-    lines += ["## Metrics (mean over foreground classes; ASD/HD95 in mm; n_nan = case-class pairs without a "
+    unit = report.get("distance_unit", "mm")
+    lines += [f"## Metrics (mean over foreground classes; ASD/HD95 in {unit}; n_nan = case-class pairs without a "
               "defined distance, left out of the mean)", "",
               "| model | set | Dice | Jaccard | ASD | HD95 | cases |", "|---|---|---|---|---|---|---|"]
     q = report["pseudolabel"]["quality"]
@@ -325,15 +328,16 @@ def _per_class_md(report: Mapping[str, Any], config: PipelineConfig, class_names
             cols[f"{model_name} ({set_name})"] = r["summary"]
     if not cols:
         return []
-    return ["", "## Per class", "", per_class_md(cols, class_names)]
+    return ["", "## Per class", "", per_class_md(cols, class_names, units=report.get("distance_unit", "mm"))]
 
 
 def _summary_text(report: Mapping[str, Any]) -> str:
+    unit = report.get("distance_unit", "mm")
     parts = [f"total {report['timings_s']['total']:.0f} s, peak RSS {report['peak_rss_mb']['overall']:.0f} MB"]
     for key, name in (("CFR_FT", "SAM alone"), ("final", "final 3D model")):
         for set_name, r in report["metrics"][key].items():
             f = _fg(r["summary"])
-            parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} mm "
+            parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} {unit} "
                          f"(n_nan {f['hd95']['n_nan']})")
     q = report["pseudolabel"]["quality"]
     if q:
