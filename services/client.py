@@ -112,7 +112,8 @@ def cmd_upload_dataset(c: Client, a: argparse.Namespace) -> int:
 
     try:
         ds = c.create_dataset(a.folder, name=a.name, num_classes=a.num_classes, labeled=labeled,
-                              holdout=a.holdout, test=[x for x in a.test.split(",") if x], progress=progress)
+                              holdout=a.holdout, test=[x for x in a.test.split(",") if x], progress=progress,
+                              subject=a.subject_pattern)
     finally:
         bar.close()
     print(f"dataset {ds.dataset_id}: {ds.num_labeled} labeled, {ds.num_unlabeled} unlabeled, {ds.num_test} test "
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labeled", default=None, help="number of labeled cases, or comma-separated case ids")
     p.add_argument("--holdout", type=int, default=0, help="hold out the last N cases as test cases")
     p.add_argument("--test", default="", help="comma-separated case ids to use as test cases")
+    p.add_argument("--subject-pattern", default=None, metavar="REGEX",
+                   help="group cases by patient (first group or whole match of REGEX in the case id): --labeled N "
+                        "and --holdout count patients (as `cfrseg run --subject-pattern`)")
     p.set_defaults(func=cmd_upload_dataset)
 
     p = sub.add_parser("submit", help="submit a run")

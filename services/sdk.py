@@ -142,7 +142,7 @@ class Client:
 
     def create_dataset(self, folder: str | Path, *, name: str | None = None, num_classes: int | None = None,
                        labeled: int | Sequence[str] | None = None, holdout: int = 0, test: Sequence[str] = (),
-                       request_id: str = "",
+                       request_id: str = "", subject: str | None = None,
                        progress: Callable[[str, int, int], None] | None = None) -> gateway_pb2.Dataset:
         """Upload every volume of a dataset folder and create the dataset.
 
@@ -151,10 +151,11 @@ class Client:
         as they are (LA ``.h5``, two-file ``.mhd``, DICOM series folders) are converted here to ``.nii.gz`` with
         their geometry (LA: the manifest's spacing, 0.625 mm), one case at a time in a temp folder.
         ``test``: case ids to hold out for evaluation (need labels). ``progress(case_id, done, total)`` is called
-        after each case."""
+        after each case. ``subject``: a regular expression that groups cases by patient (``labeled`` as a number
+        and ``holdout`` then count patients; :func:`cfrseg.data.datasets.subject_of`)."""
         from cfrseg.data.datasets import build_manifest
 
-        m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes)
+        m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes, subject=subject)
         cases = []
         with tempfile.TemporaryDirectory(prefix="cfrseg-upload-") as tmp:
             for k, c in enumerate(m.cases):

@@ -140,3 +140,17 @@ def test_plan_keeps_few_thick_slices_and_nothing_else():
     assert Plan.from_dict(old).geometry(vol, (2.0, 2.0, 2.0)).working_shape == (108, 128, 4)
     assert acdc.to_dict()["keep_slices"] is True and "keep_slices" not in la.to_dict()
     assert Plan.from_dict(acdc.to_dict()) == acdc and Plan.from_dict(la.to_dict()) == la
+
+
+def test_subject_pattern_on_real_acdc() -> None:
+    src = _acdc_dir()
+    if src is None:
+        pytest.skip("ACDC data not found (CFRSEG_ACDC_DIR)")
+    m = build_manifest(src, labeled=3, holdout=10, subject=r"patient\d+")
+    by_role: dict[str, set[str]] = {}
+    for c in m.cases:
+        by_role.setdefault(c.role, set()).add(c.case_id.split("_frame")[0])
+    # L and holdout count patients: 3 labeled and 10 test patients, both frames each; no patient in two roles
+    assert len(by_role["labeled"]) == 3 and len(by_role["test"]) == 10
+    assert sum(c.role == "labeled" for c in m.cases) == 6 and sum(c.role == "test" for c in m.cases) == 20
+    assert not (by_role["labeled"] & by_role["unlabeled"]) and not (by_role["unlabeled"] & by_role["test"])

@@ -126,6 +126,40 @@ def test_folders_bad_input(tmp_path: Path) -> None:
         manifest_from_folders(tmp_path / "none")
 
 
+def test_subject_pattern_keeps_patients_whole(tmp_path: Path) -> None:
+    # 4 patients x 2 frames; patient p3's second frame has no label
+    root = tmp_path / "frames"
+    for p in range(4):
+        for f in (1, 2):
+            cid = f"pat{p}_frame{f}"
+            write_volume(img(p * 2 + f), root / "images" / f"{cid}.nii.gz")
+            if (p, f) != (2, 2):
+                write_volume(lab(), root / "labels" / f"{cid}.nii.gz", label=True)
+    m = build_manifest(root, labeled=2, holdout=1, num_classes=2, subject=r"(pat\d+)_")
+    roles = {c.case_id: c.role for c in m.cases}
+    assert roles == {"pat0_frame1": "labeled", "pat0_frame2": "labeled", "pat1_frame1": "labeled",
+                     "pat1_frame2": "labeled", "pat2_frame1": "unlabeled", "pat2_frame2": "unlabeled",
+                     "pat3_frame1": "test", "pat3_frame2": "test"}
+    # without the pattern the same numbers count frames: patients are split
+    m0 = build_manifest(root, labeled=2, holdout=1, num_classes=2)
+    assert [c.role for c in m0.cases][:3] == ["labeled", "labeled", "unlabeled"] and m0.cases[-2].role != "test"
+    # the whole match names the subject when the pattern has no group
+    assert {c.role for c in build_manifest(root, labeled=1, holdout=2, num_classes=2, subject=r"pat\d+").cases
+            if c.case_id.startswith("pat1")} == {"unlabeled"}
+    with pytest.raises(InputError, match=r"asked for 4 labeled subjects but only 3 \(non-test\) subjects"):
+        build_manifest(root, labeled=4, holdout=1, num_classes=2, subject=r"pat\d+")
+    with pytest.raises(InputError, match=r"holdout must be in \[0, 3\] for 4 subjects"):
+        build_manifest(root, labeled=1, holdout=4, num_classes=2, subject=r"pat\d+")
+    with pytest.raises(InputError, match=r"'pat0_frame1' does not match the subject pattern"):
+        build_manifest(root, labeled=1, num_classes=2, subject=r"patient\d+")
+    with pytest.raises(InputError, match=r"not a valid regular expression"):
+        build_manifest(root, labeled=1, num_classes=2, subject=r"pat(")
+    la = la_tree(tmp_path / "la", ["a", "b"])
+    (la / "train.list").write_text("a\nb\n")
+    with pytest.raises(InputError, match=r"subject pattern applies to nnU-Net and folder datasets only"):
+        build_manifest(la, labeled=1, subject=r"\w")
+
+
 # ------------------------------------------------------------------------------------------- nnU-Net / MSD
 
 

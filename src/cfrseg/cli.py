@@ -20,10 +20,14 @@ def _add_data_args(p: argparse.ArgumentParser, labeled_required: bool = True) ->
     p.add_argument("--data", required=True, help="dataset folder: LA layout (train.list + <id>/mri_norm2.h5), "
                    "nnU-Net/MSD (dataset.json, imagesTr, labelsTr) or a folder with images/ and labels/")
     p.add_argument("--labeled", type=int, required=labeled_required, default=None,
-                   help="number of labeled cases (the first L of the list)")
+                   help="number of labeled cases (the first L of the list; subjects with --subject-pattern)")
     p.add_argument("--holdout", type=int, default=0,
                    help="hold out the last N cases of the list as test cases (never used in training)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N cases of the list")
+    p.add_argument("--subject-pattern", default=None, metavar="REGEX",
+                   help="group cases by patient: the first group (or whole match) of REGEX in the case id names "
+                        "the subject, and --labeled / --holdout count subjects, so that no patient is split "
+                        "between labeled, unlabeled and test (ACDC: 'patient\\d+' puts both frames together)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of classes, background included (required for images/ + labels/ folders; "
                         "LA: 2; nnU-Net: from dataset.json 'labels')")
@@ -46,6 +50,7 @@ def _manifest(args: argparse.Namespace):
 
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     return build_manifest(args.data, labeled=args.labeled, holdout=args.holdout, limit=args.limit,
+                          subject=getattr(args, "subject_pattern", None),
                           num_classes=args.num_classes, class_names=names, modality=args.modality)
 
 

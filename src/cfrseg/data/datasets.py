@@ -14,6 +14,7 @@ integer label values in ``[0, num_classes)``, foreground present in labeled case
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Literal, Sequence
@@ -97,23 +98,47 @@ def _match_labels(images: dict[str, str], labels: dict[str, str], where: Path, i
     return out
 
 
+def subject_of(case_id: str, pattern: str | None, where: str = "") -> str:
+    """The subject (patient) a case belongs to: the first group of ``pattern`` (a regular expression searched in
+    the case id; the whole match when it has no group), or the case id itself when ``pattern`` is None.
+    E.g. ``patient\\d+`` puts ACDC's ``acdc_patient001_frame01`` and ``..._frame02`` in subject ``patient001``."""
+    if pattern is None:
+        return case_id
+    try:
+        m = re.search(pattern, case_id)
+    except re.error as e:
+        raise InputError(f"{where}: subject pattern {pattern!r} is not a valid regular expression: {e}") from None
+    if m is None:
+        raise InputError(f"{where}: case id {case_id!r} does not match the subject pattern {pattern!r}")
+    return m.group(1) if m.re.groups else m.group(0)
+
+
 def _assign_roles(pairs: dict[str, tuple[str, str | None]], labeled: Labeled, holdout: int,
-                  where: str) -> list[Case]:
-    """Cases with roles, sorted by id. ``labeled``: None = every case with a label; int L = the first L cases
-    (by id) that have a label; a list = exactly those ids. The last ``holdout`` cases become "test"; the other
-    cases are "unlabeled" (their label, if any, is kept in the Case)."""
+                  where: str, subject: str | None = None) -> list[Case]:
+    """Cases with roles, sorted by id. ``labeled``: None = every case with a label; int L = the cases with a
+    label of the first L subjects (by id) that have one; a list = exactly those ids. The cases of the last
+    ``holdout`` subjects become "test"; the other cases are "unlabeled" (their label, if any, is kept in the
+    Case). A subject is one case unless ``subject`` (see :func:`subject_of`) groups cases by patient, so that
+    no patient is split between labeled, unlabeled and test."""
     ids = sorted(pairs)
-    if holdout < 0 or holdout >= max(len(ids), 1):
-        raise InputError(f"{where}: holdout must be in [0, {len(ids) - 1}] for {len(ids)} cases, got {holdout}")
-    test = set(ids[len(ids) - holdout:]) if holdout else set()
+    subj = {i: subject_of(i, subject, where) for i in ids}
+    subjects = list(dict.fromkeys(subj[i] for i in ids))
+    unit = "cases" if subject is None else "subjects"
+    if holdout < 0 or holdout >= max(len(subjects), 1):
+        raise InputError(f"{where}: holdout must be in [0, {len(subjects) - 1}] for {len(subjects)} {unit}, "
+                         f"got {holdout}")
+    test_subjects = set(subjects[len(subjects) - holdout:]) if holdout else set()
+    test = {i for i in ids if subj[i] in test_subjects}
     with_label = [i for i in ids if pairs[i][1] and i not in test]
     if labeled is None:
         chosen = set(with_label)
     elif isinstance(labeled, int):
-        if labeled < 0 or labeled > len(with_label):
-            raise InputError(f"{where}: asked for {labeled} labeled cases but only {len(with_label)} "
-                             f"(non-test) cases have a label")
-        chosen = set(with_label[:labeled])
+        labeled_subjects = list(dict.fromkeys(subj[i] for i in with_label))
+        if labeled < 0 or labeled > len(labeled_subjects):
+            raise InputError(f"{where}: asked for {labeled} labeled {unit} but only {len(labeled_subjects)} "
+                             f"(non-test) {unit} have a label")
+        first = set(labeled_subjects[:labeled])
+        chosen = {i for i in with_label if subj[i] in first}
     else:
         chosen = set(labeled)
         unknown = sorted(chosen - set(ids))
@@ -153,6 +178,7 @@ def manifest_from_folders(
     *,
     holdout: int = 0,
     name: str | None = None,
+    subject: str | None = None,
 ) -> Manifest:
     """A manifest from a folder of image volumes and (optionally) a folder of label volumes.
 
@@ -173,7 +199,7 @@ def manifest_from_folders(
             raise InputError(f"{labels_dir}: no label volumes found (empty label set)")
         labels = _match_labels(images, labels, Path(labels_dir), images_dir)
     pairs = {i: (p, labels.get(i)) for i, p in images.items()}
-    cases = _assign_roles(pairs, labeled, holdout, str(images_dir))
+    cases = _assign_roles(pairs, labeled, holdout, str(images_dir), subject)
     if num_classes is None:
         if any(c.label for c in cases):
             raise InputError(f"{images_dir}: the number of classes is not known; pass num_classes "
@@ -225,7 +251,8 @@ def _resolve(root: Path, rel: object, where: str) -> str:
     return str(p)
 
 
-def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, holdout: int = 0) -> Manifest:
+def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, holdout: int = 0,
+                         subject: str | None = None) -> Manifest:
     """A manifest from an MSD / nnU-Net dataset folder.
 
     Reads ``dataset.json`` (``labels`` gives num_classes and the class names, values 0..K-1;
@@ -274,7 +301,7 @@ def manifest_from_nnunet(dataset_dir: str | Path, labeled: Labeled = None, *, ho
         if not images:
             raise InputError(f"{root / 'imagesTr'}: no training images")
         pairs = {i: (p, labels.get(i)) for i, p in images.items()}
-    cases = _assign_roles(pairs, labeled, holdout, str(root))
+    cases = _assign_roles(pairs, labeled, holdout, str(root), subject)
 
     test: dict[str, tuple[str, str | None]] = {}
     if isinstance(meta.get("test"), list) and meta["test"]:
@@ -334,6 +361,7 @@ def build_manifest(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     modality: str | None = None,
+    subject: str | None = None,
 ) -> Manifest:
     """The manifest of the data at ``path``, whatever its layout (see :func:`detect_layout`).
 
@@ -341,10 +369,15 @@ def build_manifest(
     ``test=True`` builds an evaluation manifest: every case gets role "test" (LA: ``test.list`` is required;
     the training list is never used as a test set). ``limit`` keeps the first ``limit`` cases (LA list order,
     else sorted ids). ``num_classes`` (background included) is required for folder layouts; ``class_names``
-    (background first) and ``modality`` ("MR" | "CT") override what the dataset declares.
+    (background first) and ``modality`` ("MR" | "CT") override what the dataset declares. ``subject`` (a regular
+    expression, :func:`subject_of`) makes ``labeled`` and ``holdout`` count patients instead of cases (nnU-Net
+    and folder layouts; LA has one case per patient).
     """
     layout = detect_layout(path)
     p = Path(path)
+    if subject is not None and layout in ("la", "manifest"):
+        raise InputError(f"{p}: a subject pattern applies to nnU-Net and folder datasets only ({layout} data: LA has "
+                         f"one case per patient, a manifest gives every case its role)")
     if layout == "la":
         if test:
             m = manifest_from_la_test(p)
@@ -356,13 +389,13 @@ def build_manifest(
     elif layout == "manifest":
         m = Manifest.load(p)
     elif layout == "nnunet":
-        m = manifest_from_nnunet(p, None if test else labeled, holdout=0 if test else holdout)
+        m = manifest_from_nnunet(p, None if test else labeled, holdout=0 if test else holdout, subject=subject)
     else:
         images, labels = (p / "images", p / "labels") if (p / "images").is_dir() else (p, None)
         if labels is not None and not labels.is_dir():
             labels = None
         m = manifest_from_folders(images, labels, None if test else labeled, num_classes,
-                                  holdout=0 if test else holdout, name=p.name)
+                                  holdout=0 if test else holdout, name=p.name, subject=subject)
     if num_classes is not None and m.num_classes != num_classes:
         m = replace(m, num_classes=num_classes, class_names=None)
     if class_names is not None:
