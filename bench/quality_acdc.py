@@ -11,7 +11,9 @@ in its own process (wall time, CPU time and peak RSS are its own); a record is r
 (profile, resolved settings, overrides, seed, ids, subset, code version, threads: bench/run_records.py) is equal.
 The tables give per-class and mean Dice and HD95 **in voxels** (the files carry a nominal 1 mm spacing, so the
 metric code's millimetres are voxel steps; one step along z is several in-plane steps in reality), mean over
-validation frames, then mean ± std over seeds; wall time and peak RSS of the run.
+validation frames, then mean ± std over seeds; wall time and peak RSS of the run. Below each table, the paired
+per-frame comparisons CFR_MT - MT and CFR_MagicNet - MagicNet (bench/quality_summary.paired: mean difference,
+wins / losses / ties over frames, Wilcoxon p); the chart ``<results>/quality_acdc.png`` shows the Dice bars.
 
   nice -n 10 .venv/bin/python bench/quality_acdc.py --labeled 3 14 \\
       --methods supervised mt cfr_mt magicnet cfr_magicnet --seeds 0 1 2 --threads 2
@@ -38,11 +40,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acdc_protocol as ap_
 import quality_la as qla
+import quality_summary as qs
 from run_records import StaleRecord, canonical, code_version, load_cached, load_records, train_key
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_acdc"
 DEFAULT_METHODS = ["supervised", "mt", "cfr_mt", "magicnet", "cfr_magicnet"]
 MODEL_ORDER = ("supervised", "MT", "CFR_FT", "CFR_MT", "MAGICNET", "CFR_MAGICNET")
+PAIRS = (("CFR_MT", "MT"), ("CFR_MAGICNET", "MAGICNET"))
 
 
 def make_spec(args: argparse.Namespace, L: int, method: str, seed: int, code: dict[str, Any],
@@ -85,6 +89,11 @@ def _pm(vals: list[float], f: str = ".3f") -> str:
     return _fmt(float(np.mean(v)), f) + (f" ± {np.std(v, ddof=1):{f}}" if len(v) > 1 else "")
 
 
+def _setting(r: dict[str, Any]) -> str:
+    s = r["spec"]
+    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": s["code"], "subset": s.get("subset")})
+
+
 def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
     """Per (setting, L, model): per-class and mean Dice and HD95 (voxels), mean ± std over seeds; wall time
     and peak RSS of the runs."""
@@ -93,9 +102,7 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
     k = len(names)
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        s = r["spec"]
-        groups[canonical({"profile": s["profile"], "overrides": s["overrides"], "code": s["code"],
-                          "subset": s.get("subset")})].append(r)
+        groups[_setting(r)].append(r)
     lines: list[str] = []
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     for _, rs in sorted(groups.items()):
@@ -123,8 +130,65 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
             rss = max((r["timing"].get("peak_rss_mb") or math.nan) / 1024 for r in recs)
             lines.append(f"| {L} | {model} | {len(recs)} | " + " | ".join(cells)
                          + f" | {_pm(wall, '.1f') if own else ''} | {_fmt(rss, '.2f') if own else ''} |")
-        lines.append("")
+        lines += [""] + paired_md(rs)
     return "\n".join(lines)
+
+
+def paired_md(records: list[dict[str, Any]]) -> list[str]:
+    """CFR_<ssl> against <ssl>, per L, frame by frame (bench/quality_summary.paired: each frame's Dice is its
+    mean over the foreground classes, averaged over the seeds both models have)."""
+    rows = [c for a, b in PAIRS for c in qs.paired(records, a, b)]
+    if not rows:
+        return []
+    out = ["Paired per-frame comparison (Dice, mean over classes per frame):", "",
+           "| L | A - B | seeds | frames | mean diff | wins / losses / ties | Wilcoxon p |", "|---|---|---|---|---|---|---|"]
+    for c in sorted(rows, key=lambda c: (qs._L_sort(c["L"]), c["a"])):
+        out.append(f"| {c['L']} | {c['a']} - {c['b']} | {len(c['seeds'])} | {c['n_cases']} | {c['mean_diff']:+.3f} | "
+                   f"{c['wins']} / {c['losses']} / {c['ties']} | {c['wilcoxon_p']:.3g} |")
+    return out + [""]
+
+
+def dice_png(records: list[dict[str, Any]], names: list[str], path: Path) -> Path | None:
+    """Bars of per-class and mean Dice (mean over seeds, error bar = std over seeds when > 1) per L and model,
+    for the setting (profile, overrides, code version, subset) with the most records; None when there are none."""
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[_setting(r)].append(r)
+    rs = max(groups.values(), key=len)
+    k = len(names)
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    Ls = sorted({r["spec"]["L"] for r in rs})
+    models = sorted({m for r in rs for m in r["models"]}, key=lambda m: (order.get(m, 99), m))
+    fig, axes = plt.subplots(1, k + 1, figsize=(3.2 * (k + 1), 3.4), sharey=True)
+    width = 0.8 / max(len(models), 1)
+    for col, ax in enumerate(axes):
+        for i, model in enumerate(models):
+            means, stds = [], []
+            for L in Ls:
+                vals = [_class_means(r["models"][model], "dice", k) for r in rs
+                        if r["spec"]["L"] == L and model in r["models"]]
+                v = [float(np.nanmean(d)) if col == k else d[col] for d in vals]
+                v = [x for x in v if not math.isnan(x)]
+                means.append(float(np.mean(v)) if v else math.nan)
+                stds.append(float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            ax.bar(np.arange(len(Ls)) + i * width, means, width, yerr=stds, label=model)
+        ax.set_xticks(np.arange(len(Ls)) + width * (len(models) - 1) / 2, [f"L={L}" for L in Ls])
+        ax.set_title("mean over classes" if col == k else names[col])
+        ax.set_ylim(0, 1)
+    axes[0].set_ylabel("Dice (validation frames)")
+    axes[-1].legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def class_names(data: str, records: list[dict[str, Any]]) -> list[str]:
@@ -210,7 +274,11 @@ def main(argv: list[str] | None = None) -> int:
     except StaleRecord as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(to_markdown(recs, class_names(args.data, recs)))
+    names = class_names(args.data, recs)
+    print(to_markdown(recs, names))
+    png = dice_png(recs, names, results / "quality_acdc.png")
+    if png is not None:
+        print(f"chart: {png}")
     return 0
 
 

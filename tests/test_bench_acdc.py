@@ -91,3 +91,29 @@ def test_manifest_on_real_acdc_hides_unlabeled_labels():
     assert [c.case_id for c in man.labeled] == ids[:6] and len(man.unlabeled) == 114 and len(man.test) == 20
     assert all(c.label is None for c in man.unlabeled) and all(c.label for c in man.labeled + man.test)
     assert not {c.case_id for c in man.cases} & val_list
+
+
+def test_paired_table_and_chart(tmp_path):
+    code = {"commit": "abc", "dirty": False, "diff_sha256": None}
+    s = qa.make_spec(_args(), 3, "mt", 0, code, IDS, "0" * 64)
+    frames = IDS[14:]
+
+    def case(d):
+        return {"dice": [d, d, d], "jaccard": [d] * 3, "asd": [1.0] * 3, "hd95": [2.0] * 3}
+    # CFR_MT beats MT on every frame but the last, by 0.1 (seed 0) and 0.2 (seed 1)
+    recs = []
+    for seed in (0, 1):
+        recs.append({"spec": dict(s, seed=seed, method="mt"), "timing": {},
+                     "models": {"MT": {c: case(0.5) for c in frames}}})
+        up = 0.1 * (seed + 1)
+        recs.append({"spec": dict(s, seed=seed, method="cfr_mt"), "timing": {},
+                     "models": {"CFR_MT": {c: case(0.5 + (up if c != frames[-1] else -up)) for c in frames},
+                                "CFR_FT": {c: case(0.4) for c in frames}}})
+    md = qa.to_markdown(recs, ["RV", "Myo", "LV"])
+    row = next(line for line in md.splitlines() if "CFR_MT - MT" in line)
+    n = len(frames)
+    assert row.startswith(f"| 3 | CFR_MT - MT | 2 | {n} | {0.15 * (n - 2) / n:+.3f} | {n - 1} / 1 / 0 |"), row
+    assert "CFR_MAGICNET - MAGICNET" not in md          # no MagicNet records: no such row
+    png = qa.dice_png(recs, ["RV", "Myo", "LV"], tmp_path / "c.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert qa.dice_png([], ["RV"], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
