@@ -9,11 +9,12 @@ family (rot90 / flip) used for augmentation at fine-tune time and for test-time 
 time. The spec is stored inside ``finetune.pt``, so the pseudo-label stage uses the fine-tune settings by
 construction.
 
-Two uses of the same window:
+Uses of the same window (``mode``; chosen by :mod:`cfrseg.sam.window`):
 - the paper's "volume" mode: ``crop = (112, 112, 80)``, 9x9 grid on a 1024 canvas (the whole crop in one image);
-- the paper's "scale" mode (Fig. 5b): ``crop = (X, Y, s*s)``, an s x s grid of contiguous slices.
+- the paper's "scale" mode (Fig. 5b): ``crop = (X, Y, s*s)``, an s x s grid of contiguous slices;
+- the paper's "patch" mode (BTCV/MACT): 96^3 patches of volumes whose slices are too large for one mosaic.
 At prediction time the whole (zoomed) volume is covered by such windows (in-plane overlap averaged, slice
-groups along D), see :func:`plan_windows`.
+groups along D; in patch mode windows overlap along D too), see :func:`plan_windows`.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ class MosaicSpec:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
     rot90: bool = True                            # orientation family: quarter turns in-plane
     flip: bool = True                             # orientation family: mirror in-plane
+    mode: str = "fixed"                           # fixed | volume | patch (cfrseg.sam.window); patch: windows
+                                                  # also overlap along the slice axis at prediction time
 
     def check(self) -> None:
         """Raise ConfigError on impossible values (also checks that the mosaic plan exists)."""
@@ -62,6 +65,8 @@ class MosaicSpec:
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError(f"clip_percentiles must satisfy 0 <= lo < hi <= 100, got {self.clip_percentiles}")
+        if self.mode not in ("fixed", "volume", "patch"):
+            raise ConfigError(f"mosaic mode must be fixed, volume or patch, got {self.mode!r}")
         if self.rot90 and self.crop[0] != self.crop[1]:
             raise ConfigError(f"rot90 augmentation needs a square in-plane crop, got {self.crop[:2]}")
 
@@ -78,7 +83,7 @@ class MosaicSpec:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MosaicSpec":
+    def from_dict(cls, d: dict) -> MosaicSpec:
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
@@ -128,7 +133,7 @@ class PreparedVolume:
 
 
 def zoomed_shape(shape: tuple[int, ...], zoom: tuple[float, float, float]) -> tuple[int, int, int]:
-    return tuple(max(1, int(round(s * z))) for s, z in zip(shape, zoom))  # type: ignore[return-value]
+    return tuple(max(1, round(s * z)) for s, z in zip(shape, zoom))  # type: ignore[return-value]
 
 
 def _resample(img: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
@@ -208,13 +213,15 @@ def crop_padded(vol: torch.Tensor, start: tuple[int, int, int], size: tuple[int,
     return w, inside
 
 
-def plan_windows(shape: tuple[int, int, int], crop: tuple[int, int, int], overlap: float) -> list[tuple[int, int, int]]:
-    """Start corners of the windows covering a (zoomed) volume: in-plane with ``overlap`` (fraction), along
-    the slice axis as contiguous groups of ``crop[2]`` slices (evenly spread; the last group ends at the last
-    slice, so groups may share a few slices). A window larger than the volume starts at 0 (padded)."""
+def plan_windows(shape: tuple[int, int, int], crop: tuple[int, int, int], overlap: float,
+                 depth_overlap: float = 0.0) -> list[tuple[int, int, int]]:
+    """Start corners of the windows covering a (zoomed) volume, sorted by slice start: in-plane with ``overlap``
+    (fraction), along the slice axis with ``depth_overlap`` (0: contiguous groups of ``crop[2]`` slices, evenly
+    spread; the last group ends at the last slice, so groups may share a few slices; patch mode passes the
+    in-plane overlap). A window larger than the volume starts at 0 (padded)."""
     xs = concat.tile_starts(shape[0], crop[0], overlap)
     ys = concat.tile_starts(shape[1], crop[1], overlap)
-    zs = concat.tile_starts(shape[2], crop[2], 0.0)
+    zs = concat.tile_starts(shape[2], crop[2], depth_overlap)
     return [(x, y, z) for z in zs for x in xs for y in ys]
 
 

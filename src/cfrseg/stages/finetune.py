@@ -10,6 +10,7 @@ Inputs come from :mod:`cfrseg.sam.mosaic` (the same path the pseudo-label stage 
 from __future__ import annotations
 
 import io
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,8 +28,11 @@ from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, check_ca
 from cfrseg.provenance import guard, stage_provenance
 from cfrseg.sam.losses import masked_ce_dice
 from cfrseg.sam.mosaic import MosaicSpec, make_batch, prepare_case
+from cfrseg.sam.window import Window, resolve_window
 from cfrseg.stages import checkpoint as ckpt_io
 from cfrseg.store import LocalStore, Store, get_json, put_json
+
+log = logging.getLogger(__name__)
 
 STAGE = "finetune"
 ARTIFACT = "finetune.pt"
@@ -47,7 +51,12 @@ class FinetuneConfig(ConfigBase):
     checkpoint_sha256: str | None = None            # expected sha256 of the base checkpoint (checked if set)
     image_size: int = 256                           # model input side (256 LiteMedSAM, 1024 SAM ViT)
     # --- mosaic (see cfrseg.sam.mosaic.MosaicSpec): one mosaic = one 3D window of the zoomed volume
-    crop: tuple[int, int, int] = (82, 82, 9)        # (X, Y, D) in working voxels; paper: (112, 112, 80), 9x9 grid
+    crop: tuple[int, int, int] | str = (82, 82, 9)  # (X, Y, D) in working voxels; paper: (112, 112, 80), 9x9 grid;
+                                                    # "auto": volume or patch mode by the plan (cfrseg.sam.window)
+    crop_mm: tuple[float, float, float] | None = None  # physical window (working axes, mm; patch mode): replaces
+                                                    # crop, voxels from the plan (like retrain.patch_mm)
+    patch_side: int = 96                            # crop "auto", patch mode: cube side in working voxels (paper)
+    max_shrink: float = 1.5                         # crop "auto" / crop_mm: most the mosaic may be shrunk to fit
     grid: int = 0                                   # 0 = ceil(sqrt(D))
     tile_pad: int = 1
     # working grid = the plan's target spacing x spacing_factor (working axes: in-plane, in-plane, slice);
@@ -120,16 +129,58 @@ class FinetuneConfig(ConfigBase):
                 f"got {self.precision!r}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda", "mps"),
                 f"finetune.device must be auto, cpu or cuda[:N], got {self.device!r}")
-        self.spec().check()
+        self._check_window()
+        if self.fixed_window:
+            self.spec().check()
+        else:   # the window comes from the plan at run time; check everything else now
+            self._mosaic((16, 16, 1), self.grid, "patch").check()
 
-    def spec(self) -> MosaicSpec:
-        """The volume -> mosaic settings (stored in finetune.pt for the pseudo-label stage)."""
+    def _check_window(self) -> None:
+        c = self.crop
+        if isinstance(c, str):
+            require(c == "auto", f"finetune.crop must be (X, Y, D) voxels or \"auto\", got {c!r}")
+        else:
+            require(isinstance(c, tuple) and len(c) == 3
+                    and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in c),
+                    f"finetune.crop must be three positive integers (X, Y, D) or \"auto\", got {c!r}")
+        m = self.crop_mm
+        require(m is None or (isinstance(m, tuple) and len(m) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e5 for v in m)),
+            f"finetune.crop_mm must be null or three positive sizes in mm, got {m!r}")
+        require(not (c == "auto" and m is not None),
+                "finetune: crop='auto' and crop_mm both choose the window; set only one")
+        require(isinstance(self.patch_side, int) and not isinstance(self.patch_side, bool)
+                and 1 <= self.patch_side <= 1024, f"finetune.patch_side must be in [1, 1024], got {self.patch_side!r}")
+        require(isinstance(self.max_shrink, (int, float)) and 1.0 <= self.max_shrink <= 64,
+                f"finetune.max_shrink must be in [1, 64] (1 = never shrink the mosaic), got {self.max_shrink!r}")
+
+    @property
+    def fixed_window(self) -> bool:
+        """True when the window is ``crop`` in voxels (no plan needed); False for crop 'auto' / crop_mm."""
+        return self.crop != "auto" and self.crop_mm is None
+
+    def window(self, plan: Plan | None = None) -> Window:
+        """The resolved window (crop voxels, grid, mode; :func:`cfrseg.sam.window.resolve_window`): ``crop`` as
+        given, or from ``plan`` for crop 'auto' / crop_mm (ConfigError without a plan or when it cannot fit)."""
+        return resolve_window(self.crop, self.crop_mm, plan, self.spacing_factor, image_size=self.image_size,
+                              tile_pad=self.tile_pad, grid=self.grid, patch_side=self.patch_side,
+                              max_shrink=float(self.max_shrink), square=self.augment_rot90)
+
+    def _mosaic(self, crop: tuple[int, int, int], grid: int, mode: str) -> MosaicSpec:
         return MosaicSpec(
-            image_size=self.image_size, crop=tuple(self.crop), grid=self.grid, tile_pad=self.tile_pad,
+            image_size=self.image_size, crop=tuple(crop), grid=grid, tile_pad=self.tile_pad,
             spacing_factor=tuple(float(f) for f in self.spacing_factor),
             clip_percentiles=tuple(self.clip_percentiles),
-            rot90=self.augment_rot90, flip=self.augment_flip,
+            rot90=self.augment_rot90, flip=self.augment_flip, mode=mode,
         )
+
+    def spec(self, plan: Plan | None = None) -> MosaicSpec:
+        """The volume -> mosaic settings (stored in finetune.pt for the pseudo-label stage), with the window
+        resolved by :meth:`window` (``plan`` needed for crop 'auto' / crop_mm)."""
+        w = self.window(plan)
+        spec = self._mosaic(w.crop, w.grid, w.mode)
+        spec.check()
+        return spec
 
 
 @dataclass
@@ -390,7 +441,9 @@ def run_finetune(
                               hist, 0.0, config.iterations, skipped=True)
 
     device = resolve_device(config.device)
-    spec = config.spec()
+    window = config.window(plan)
+    spec = config.spec(plan)
+    log.info("fine-tune window: %s (crop %s, grid %s)", window.reason, spec.crop, spec.grid)
     sam = build_model(config.model, data.num_classes, base_path, config.image_size, lora_rank=config.lora_rank,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       head_init=config.head_init).to(device)
@@ -410,6 +463,10 @@ def run_finetune(
         if changed:
             raise ConfigError(f"cannot resume: the checkpoint in {store!r} was made with different "
                               f"settings {changed}; start a new run (resume=false) or restore them")
+        if ck.get("spec", spec.to_dict()) != spec.to_dict():
+            raise ConfigError(f"cannot resume: the checkpoint's mosaic window {ck['spec'].get('crop')} "
+                              f"({ck['spec'].get('mode')}) differs from the one resolved now {spec.crop} "
+                              f"({spec.mode}); start a new run (resume=false)")
         if ck.get("base_sha256") != base_sha:
             raise InputError(f"cannot resume: the checkpoint was trained on a base with sha256 "
                              f"{ck.get('base_sha256')}, the current base has {base_sha}")
@@ -423,13 +480,14 @@ def run_finetune(
     def save_checkpoint(iteration: int) -> None:
         _save_pt(store, CHECKPOINT, {
             "format": FORMAT, "iteration": iteration, "config": config.to_dict(), "base_sha256": base_sha,
-            "provenance": prov,
+            "provenance": prov, "spec": spec.to_dict(), "window": window.to_dict(),
             "trainable": trainable_state(sam), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "rng": _rng_state(g), "history": history,
         })
         put_json(store, "history.json", history)
 
     put_json(store, "config.json", config.to_dict())
+    put_json(store, "window.json", {**window.to_dict(), "spec": spec.to_dict()})
     volumes = []
     from cfrseg.data.datasets import load_case
 
@@ -501,7 +559,8 @@ def run_finetune(
         "image_size": config.image_size,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout},
         "head_init": config.head_init, "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
-        "spec": spec.to_dict(), "iterations": config.iterations, "config": config.to_dict(),
+        "spec": spec.to_dict(), "window": window.to_dict(), "iterations": config.iterations,
+        "config": config.to_dict(),
         "plan": plan.to_dict(), "class_names": list(data.names), "provenance": prov,
         "delta": trainable_state(sam),
     })

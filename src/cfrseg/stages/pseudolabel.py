@@ -3,7 +3,7 @@
 For every case to label, the WHOLE volume goes through the same path as at fine-tune time
 (:mod:`cfrseg.sam.mosaic`, with the :class:`~cfrseg.sam.mosaic.MosaicSpec` stored in ``finetune.pt``): [0, 1]
 normalisation, zoom, windows of the fine-tune crop size covering the volume (in-plane overlap averaged, slice
-groups along the slice axis), mosaic, SAM, softmax, inverse mosaic; optionally averaged over the fine-tune
+groups along the slice axis; in patch mode 3D patches overlapping along every axis), mosaic, SAM, softmax, inverse mosaic; optionally averaged over the fine-tune
 orientation family (test-time augmentation). Probabilities are resampled back to the source grid, then
 ``labels/<case_id>.nii.gz`` (uint8 argmax) and ``confidence/<case_id>.nii.gz`` (float32 max probability) are
 written once, in the source geometry. A rerun skips finished cases. Accumulation, resampling and argmax are
@@ -176,8 +176,9 @@ def stream_volume(
     window: tuple[float, float] | None = None,
 ) -> None:
     """The probabilities of a whole volume ``image`` (X, Y, Z), handed to ``sink(z0, planes (K, X, Y, n))`` in
-    slice order, in the volume's own grid. Windows of ``spec.crop`` cover the zoomed volume; overlapping
-    predictions (in-plane overlap, shared slices between slice groups, TTA orientations) are averaged;
+    slice order, in the volume's own grid. Windows of ``spec.crop`` cover the zoomed volume (in patch mode
+    overlapping along the slice axis too, :func:`depth_overlap`); overlapping predictions (in-plane overlap,
+    shared slices between slice groups or patches, TTA orientations) are averaged;
     ``precision``, ``size``, ``window`` as for :func:`predict_volume`.
 
     Slice groups are processed in order, every orientation of a group before the next group (orientations act
@@ -195,7 +196,7 @@ def stream_volume(
     for o in family:
         oshape = (shape[1], shape[0], shape[2]) if o[0] % 2 else shape
         accs.append(SweepAccumulator(num_classes, oshape, axis=2, device=device, capacity=spec.crop[2]))
-        plans.append(plan_windows(oshape, spec.crop, overlap))
+        plans.append(plan_windows(oshape, spec.crop, overlap, depth_overlap(spec, overlap)))
     zs = sorted({s[2] for s in plans[0]})
     for g, z in enumerate(zs):
         lo = max(z, 0)
@@ -224,6 +225,12 @@ def stream_volume(
             total /= len(family)
             back.push(rel[0][0], total)
     back.finish()
+
+
+def depth_overlap(spec: MosaicSpec, overlap: float) -> float:
+    """Overlap of windows along the slice axis: ``overlap`` in patch mode (windows overlap in 3D), else 0
+    (contiguous slice groups, the volume/fixed modes as before)."""
+    return overlap if spec.mode == "patch" else 0.0
 
 
 def predict_case(sam: torch.nn.Module, spec: MosaicSpec, plan: Plan, volume: Volume, num_classes: int,
