@@ -193,6 +193,7 @@ class FinetuneResult:
     elapsed_s: float = 0.0
     resumed_from: int = 0             # iteration the run resumed at (0 = fresh start)
     skipped: bool = False             # already finished: nothing was trained
+    window: dict[str, Any] | None = None  # the resolved mosaic window (cfrseg.sam.window.Window.to_dict)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -438,7 +439,7 @@ def run_finetune(
         hist = get_json(store, "history.json") if store.exists("history.json") else []
         emit(progress, ProgressEvent(STAGE, config.iterations, config.iterations, message="already finished"))
         return FinetuneResult(store, ARTIFACT, config.iterations, hist[-1]["loss"] if hist else float("nan"),
-                              hist, 0.0, config.iterations, skipped=True)
+                              hist, 0.0, config.iterations, skipped=True, window=done.get("window"))
 
     device = resolve_device(config.device)
     window = config.window(plan)
@@ -567,7 +568,7 @@ def run_finetune(
     store.put_bytes("loss.png", plot_loss(history))
     emit(progress, ProgressEvent(STAGE, config.iterations, config.iterations, message="done"))
     return FinetuneResult(store, ARTIFACT, config.iterations, history[-1]["loss"] if history else float("nan"),
-                          history, time.monotonic() - t0, start)
+                          history, time.monotonic() - t0, start, window=window.to_dict())
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -206,7 +206,8 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
         "distance_unit": distance_unit(fingerprint),
         "timings_s": dict(timings, total=round(time.monotonic() - t_all, 1)),
         "peak_rss_mb": dict(peaks, overall=round(_peak_rss_mb(), 1)),
-        "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from},
+        "finetune": {"iterations": ft.iterations, "final_loss": ft.final_loss, "resumed_from": ft.resumed_from,
+                     "window": ft.window},
         "pseudolabel": {"cases": len(pl.labels), "skipped": len(pl.skipped), "quality": pl_quality,
                         "calibration": pl.calibration},
         "retrain": {"iterations": rt.iterations, "final_losses": rt.final_losses, "ssl": config.retrain.ssl,
@@ -222,6 +223,13 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
     store.put_bytes("report.md", md.encode())
     emit(progress, ProgressEvent("report", 1, 1, message="done"))
     return PipelineResult(report, _summary_text(report), store)
+
+
+def _window_md(window: dict[str, Any] | None) -> str:
+    """" on (X, Y, D) windows (mode mode)" for the report, or "" (runs that did not record it)."""
+    if not window:
+        return ""
+    return f" on {tuple(window['crop'])} windows ({window['mode']} mode)"
 
 
 def _pseudo_label_quality(data: Manifest) -> dict[str, Any] | None:
@@ -292,7 +300,8 @@ def _report_md(report: Mapping[str, Any], config: PipelineConfig, class_names: A
     lines += [f"Dataset `{d['name']}` ({d['modality']}, classes {', '.join(d['class_names'])}): {d['labeled']} "
               f"labeled, {d['unlabeled']} unlabeled, test sets {d['test']}.",
               f"Plan: {Plan.from_dict(report['plan']).describe()}.",
-              f"SAM `{config.finetune.model}` fine-tuned {report['finetune']['iterations']} iterations; "
+              f"SAM `{config.finetune.model}` fine-tuned {report['finetune']['iterations']} iterations"
+              f"{_window_md(report['finetune'].get('window'))}; "
               f"3D network `{config.retrain.network}` re-trained with `{config.retrain.ssl}` for "
               f"{report['retrain']['iterations']} iterations (evaluated: {config.retrain.evaluate} weights).", ""]
     unit = report.get("distance_unit", "mm")
