@@ -222,3 +222,14 @@ class _CancelAt:
 
     def is_set(self) -> bool:
         return self.set
+
+
+def test_gateway_overrides_accept_the_window_settings():
+    from services.gateway.overrides import check_overrides
+
+    check_overrides({"finetune": {"crop": "auto", "patch_side": 64, "max_shrink": 2.0}})
+    check_overrides({"finetune": {"crop": [96, 96, 96], "crop_mm": [96.0, 96.0, 96.0]}})
+    check_overrides({"finetune": {"crop_mm": None}})
+    for bad in ({"crop": "whole"}, {"crop_mm": [0.5, 96, 96]}, {"patch_side": 0}, {"max_shrink": 0.9}):
+        with pytest.raises(Exception, match="out of bounds"):
+            check_overrides({"finetune": bad})

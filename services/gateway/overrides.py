@@ -29,6 +29,7 @@ class Rule:
     n: int | tuple[int, int] | None = None   # ints/floats: exact length, or (min, max)
     choices: tuple[str, ...] = ()
     nullable: bool = False                   # None allowed (e.g. retrain.zoom)
+    words: tuple[str, ...] = ()              # strings also allowed in place of the value (finetune.crop "auto")
 
     def describe(self) -> str:
         if self.kind == "bool":
@@ -40,7 +41,8 @@ class Rule:
             return f"{'an integer' if self.kind == 'int' else 'a number'} {rng}"
         n = self.n if isinstance(self.n, int) else f"{self.n[0]}-{self.n[1]}"  # type: ignore[index]
         what = "integers" if self.kind == "ints" else "numbers"
-        return f"a list of {n} {what}, each {rng}" + (", or null" if self.nullable else "")
+        return (f"a list of {n} {what}, each {rng}" + (", or null" if self.nullable else "")
+                + "".join(f", or {w!r}" for w in self.words))
 
 
 def _num(x: float | None) -> str:
@@ -73,7 +75,8 @@ RULES: dict[str, dict[str, Rule]] = {
     "finetune": {
         "iterations": I(1, 50_000), "batch_size": I(1, 32), "lr": F(1e-8, 1.0), "weight_decay": F(0.0, 1.0),
         "warmup_iterations": I(0, 10_000), "poly_power": F(0.0, 10.0), "lora_rank": I(0, 64),
-        "lora_alpha": F(0.0, 1024.0), "lora_dropout": F(0.0, 0.9), "crop": Rule("ints", 1, 512, 3),
+        "lora_alpha": F(0.0, 1024.0), "lora_dropout": F(0.0, 0.9), "crop": Rule("ints", 1, 512, 3, words=("auto",)),
+        "crop_mm": Rule("floats", 1.0, 2000.0, 3, nullable=True), "patch_side": I(1, 512), "max_shrink": F(1.0, 64.0),
         "grid": I(0, 32), "tile_pad": I(0, 16), "zoom": Rule("floats", 0.01, 4.0, 3),
         "spacing_factor": Rule("floats", 0.05, 20.0, 3),
         "clip_percentiles": Rule("floats", 0.0, 100.0, 2), "head_init": C("pretrained", "negated"),
@@ -148,6 +151,8 @@ def _scalar(rule: Rule, v: Any, kind: str) -> bool:
 def _ok(rule: Rule, v: Any) -> bool:
     if v is None:
         return rule.nullable
+    if isinstance(v, str) and v in rule.words:
+        return True
     if rule.kind in ("int", "float"):
         return _scalar(rule, v, rule.kind)
     if rule.kind == "bool":
