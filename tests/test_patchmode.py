@@ -180,6 +180,10 @@ def test_tiny_pipeline_in_patch_mode_k4_large_slices(tmp_path):
     prof = apply_overrides(load_profile("tiny"), ["finetune.crop=auto", "finetune.patch_side=16",
                                                   "retrain.iterations=2"])
     cfg = PipelineConfig.from_profile(prof, profile="tiny")
+    too_big = PipelineConfig.from_profile(apply_overrides(prof, ["finetune.patch_side=40"]), profile="tiny")
+    with pytest.raises(ConfigError, match="patch_side <= 3[0-9]"):
+        run_pipeline(too_big, data, LocalStore(tmp_path / "run"))
+    assert not (tmp_path / "run" / "pipeline_config.json").exists()   # no run recorded: the same --out is usable
     torch.manual_seed(0)
     res = run_pipeline(cfg, data, LocalStore(tmp_path / "run"))
     win = res.report["finetune"]["window"]

@@ -429,6 +429,8 @@ def run_finetune(
         raise InputError(f"manifest {data.name!r} has no labeled case; fine-tuning needs at least one")
     base_path, base_sha = resolve_base_checkpoint(config.model, config.checkpoint, config.checkpoint_sha256)
     plan = plan or plan_for(data, store, progress=progress, cancel=cancel, stage=STAGE)
+    window = config.window(plan)   # ConfigError here, before anything of this run is written
+    spec = config.spec(plan)
     prov = stage_provenance(STAGE, data, _training_fields(config.to_dict()), plan=plan.digest(),
                             inputs={"base_sha256": base_sha or f"random:{config.model}"})
     resuming = guard(store, STAGE, prov, config.resume, (CHECKPOINT, ARTIFACT))
@@ -442,8 +444,6 @@ def run_finetune(
                               hist, 0.0, config.iterations, skipped=True, window=done.get("window"))
 
     device = resolve_device(config.device)
-    window = config.window(plan)
-    spec = config.spec(plan)
     log.info("fine-tune window: %s (crop %s, grid %s)", window.reason, spec.crop, spec.grid)
     sam = build_model(config.model, data.num_classes, base_path, config.image_size, lora_rank=config.lora_rank,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

@@ -145,6 +145,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
                           f"with the same data, settings and code), or write to a fresh --out")
     # an earlier run's record is rewritten only once its fine-tune stage accepted the inputs
     fingerprint, plan = fingerprint_and_plan(data, store, write=not earlier, progress=progress, cancel=cancel)
+    config.finetune.window(plan)   # a window the plan cannot give (crop 'auto' / crop_mm) fails before any record
     if not earlier:
         put_json(store, "pipeline_config.json", config.to_dict())
     t_all = time.monotonic()
