@@ -83,17 +83,21 @@ def test_crop_mm_is_resolved_through_the_plan_and_capped_by_the_median_case():
 
 def test_impossible_windows_are_config_errors():
     plan = _mr((1.0, 1.0, 1.0), (300, 300, 120))
+    # a set patch_side that does not fit is an error naming the largest that would ...
     with pytest.raises(ConfigError, match=r"patch_side <= (\d+)") as e:
-        _auto(image_size=256, tile_pad=1).window(plan)
+        _auto(image_size=256, tile_pad=1, patch_side=96).window(plan)
     n = int(e.value.args[0].rsplit("<= ", 1)[1])
     assert mosaic_shrink((n, n, n), 256, 0, 1) <= 1.5 < mosaic_shrink((n + 1, n + 1, n + 1), 256, 0, 1)
     assert _auto(image_size=256, tile_pad=1, patch_side=n).window(plan).crop == (n, n, n)
+    # ... and the automatic side (patch_side 0, the default) takes that largest cube by itself
+    w = _auto(image_size=256, tile_pad=1).window(plan)
+    assert (w.mode, w.crop) == ("patch", (n, n, n)) and n == 49 and w.shrink <= 1.5
     with pytest.raises(ConfigError, match="crop_mm .* needs shrink"):
         FinetuneConfig(crop_mm=(200.0, 200.0, 100.0), image_size=256).window(plan)
     with pytest.raises(ConfigError, match="set only one"):
         FinetuneConfig(crop="auto", crop_mm=(96.0, 96.0, 96.0))
     for bad in ({"crop_mm": (-1.0, 96.0, 96.0)}, {"crop_mm": (96.0, 96.0)}, {"crop": "patch"}, {"crop": (0, 4, 4)},
-                {"crop": (4.5, 4, 4)}, {"patch_side": 0}, {"max_shrink": 0.5}):
+                {"crop": (4.5, 4, 4)}, {"patch_side": -1}, {"max_shrink": 0.5}):
         with pytest.raises(ConfigError):
             FinetuneConfig(**bad)
     with pytest.raises(ConfigError, match="dataset plan"):
@@ -234,6 +238,7 @@ def test_gateway_overrides_accept_the_window_settings():
     check_overrides({"finetune": {"crop": "auto", "patch_side": 64, "max_shrink": 2.0}})
     check_overrides({"finetune": {"crop": [96, 96, 96], "crop_mm": [96.0, 96.0, 96.0]}})
     check_overrides({"finetune": {"crop_mm": None}})
-    for bad in ({"crop": "whole"}, {"crop_mm": [0.5, 96, 96]}, {"patch_side": 0}, {"max_shrink": 0.9}):
+    check_overrides({"finetune": {"crop": "auto", "patch_side": 0}})       # 0: the automatic side
+    for bad in ({"crop": "whole"}, {"crop_mm": [0.5, 96, 96]}, {"patch_side": -1}, {"max_shrink": 0.9}):
         with pytest.raises(Exception, match="out of bounds"):
             check_overrides({"finetune": bad})

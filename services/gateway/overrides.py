@@ -76,7 +76,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "iterations": I(1, 50_000), "batch_size": I(1, 32), "lr": F(1e-8, 1.0), "weight_decay": F(0.0, 1.0),
         "warmup_iterations": I(0, 10_000), "poly_power": F(0.0, 10.0), "lora_rank": I(0, 64),
         "lora_alpha": F(0.0, 1024.0), "lora_dropout": F(0.0, 0.9), "crop": Rule("ints", 1, 512, 3, words=("auto",)),
-        "crop_mm": Rule("floats", 1.0, 2000.0, 3, nullable=True), "patch_side": I(1, 512), "max_shrink": F(1.0, 64.0),
+        "crop_mm": Rule("floats", 1.0, 2000.0, 3, nullable=True), "patch_side": I(0, 512), "max_shrink": F(1.0, 64.0),
         "grid": I(0, 32), "tile_pad": I(0, 16), "zoom": Rule("floats", 0.01, 4.0, 3),
         "spacing_factor": Rule("floats", 0.05, 20.0, 3),
         "clip_percentiles": Rule("floats", 0.0, 100.0, 2), "head_init": C("pretrained", "negated"),

@@ -17,10 +17,12 @@ exactly the same windows.
   1. *volume mode* when the whole median volume, as one mosaic (in-plane side ``max(wx, wy)`` when rot90
      augmentation needs square windows, all ``wd`` slices, grid ceil(sqrt(wd))), fits the canvas shrunk by at
      most ``max_shrink`` (default 1.5): window = that whole volume;
-  2. otherwise *patch mode*: cubic patches of ``patch_side`` voxels (default 96, the paper's), each side capped
-     by the median volume's extent; along the slice axis of a plan with few thick slices (``keep_slices``,
-     e.g. ACDC) the window takes all ``wd`` slices instead. The patch's mosaic must fit within ``max_shrink``
-     too, else :class:`~cfrseg.errors.ConfigError` names the largest ``patch_side`` that would.
+  2. otherwise *patch mode*: cubic patches, each side capped by the median volume's extent; along the slice
+     axis of a plan with few thick slices (``keep_slices``, e.g. ACDC) the window takes all ``wd`` slices
+     instead. The cube side is ``patch_side`` when it is set (> 0); with ``patch_side = 0`` (the default) it is
+     the paper's 96 (:data:`PAPER_SIDE`) or, when a 96 patch's mosaic would need more than ``max_shrink``, the
+     largest side that fits (e.g. 49 on LiteMedSAM's 256 px canvas). A set ``patch_side`` whose mosaic does not
+     fit is a :class:`~cfrseg.errors.ConfigError` that names the largest side that would.
 
 The mosaic grid is the config's ``grid`` when it holds the window's slices, else ceil(sqrt(D)). "Shrink" is the
 factor by which :func:`cfrseg.sam.concat.plan_mosaic` resizes the tiled grid down to the canvas (1 = unscaled).
@@ -36,6 +38,7 @@ from typing import Any
 from cfrseg.errors import ConfigError
 
 MODES = ("fixed", "volume", "patch")
+PAPER_SIDE = 96          # the paper's patch side (BTCV, MACT): the auto rule's largest cube
 Triple = tuple[int, int, int]
 
 
@@ -98,18 +101,23 @@ def auto_window(plan: Any, factor: Sequence[float], *, image_size: int, tile_pad
     if s <= max_shrink:
         return Window(vol, g, "volume", s, f"volume mode: the median working volume {med} fits the "
                       f"{image_size} px canvas (shrink {s:.2f} <= {max_shrink:g})")
-    crop = _patch(patch_side, med, plan.keep_slices, square)
+    side = patch_side or PAPER_SIDE
+    crop = _patch(side, med, plan.keep_slices, square)
     g = grid_for(grid, crop[2])
     sp = mosaic_shrink(crop, image_size, g, tile_pad)
     if sp > max_shrink:
-        fits = [c for c in range(patch_side - 1, 0, -1)
+        fits = [c for c in range(side - 1, 0, -1)
                 if mosaic_shrink(_patch(c, med, plan.keep_slices, square), image_size, grid, tile_pad)
                 <= max_shrink]
-        hint = (f"set finetune.patch_side <= {fits[0]}" if fits else
-                "no patch side fits (too many slices are kept): raise finetune.max_shrink or set finetune.crop")
-        raise ConfigError(f"finetune.crop='auto': the median working volume {med} needs shrink {s:.2f} and a "
-                          f"{crop} patch needs shrink {sp:.2f} on the {image_size} px canvas, more than "
-                          f"max_shrink {max_shrink:g}; {hint}")
+        if patch_side or not fits:
+            hint = (f"set finetune.patch_side <= {fits[0]}" if fits else "no patch side fits (too many slices "
+                    "are kept): raise finetune.max_shrink or set finetune.crop")
+            raise ConfigError(f"finetune.crop='auto': the median working volume {med} needs shrink {s:.2f} and a "
+                              f"{crop} patch needs shrink {sp:.2f} on the {image_size} px canvas, more than "
+                              f"max_shrink {max_shrink:g}; {hint}")
+        crop = _patch(fits[0], med, plan.keep_slices, square)       # patch_side 0: the largest cube that fits
+        g = grid_for(grid, crop[2])
+        sp = mosaic_shrink(crop, image_size, g, tile_pad)
     slices = " (all slices: few thick slices)" if plan.keep_slices else ""
     return Window(crop, g, "patch", sp, f"patch mode: the median working volume {med} would need shrink "
                   f"{s:.2f} > {max_shrink:g}; {crop} patches{slices}, shrink {sp:.2f}")

@@ -55,7 +55,7 @@ class FinetuneConfig(ConfigBase):
                                                     # "auto": volume or patch mode by the plan (cfrseg.sam.window)
     crop_mm: tuple[float, float, float] | None = None  # physical window (working axes, mm; patch mode): replaces
                                                     # crop, voxels from the plan (like retrain.patch_mm)
-    patch_side: int = 96                            # crop "auto", patch mode: cube side in working voxels (paper)
+    patch_side: int = 0                             # crop "auto", patch mode: cube side (0: 96 or the largest fitting)
     max_shrink: float = 1.5                         # crop "auto" / crop_mm: most the mosaic may be shrunk to fit
     grid: int = 0                                   # 0 = ceil(sqrt(D))
     tile_pad: int = 1
@@ -150,7 +150,8 @@ class FinetuneConfig(ConfigBase):
         require(not (c == "auto" and m is not None),
                 "finetune: crop='auto' and crop_mm both choose the window; set only one")
         require(isinstance(self.patch_side, int) and not isinstance(self.patch_side, bool)
-                and 1 <= self.patch_side <= 1024, f"finetune.patch_side must be in [1, 1024], got {self.patch_side!r}")
+                and 0 <= self.patch_side <= 1024,
+                f"finetune.patch_side must be in [0, 1024] (0: automatic), got {self.patch_side!r}")
         require(isinstance(self.max_shrink, (int, float)) and 1.0 <= self.max_shrink <= 64,
                 f"finetune.max_shrink must be in [1, 64] (1 = never shrink the mosaic), got {self.max_shrink!r}")
 
