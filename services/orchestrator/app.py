@@ -2,7 +2,9 @@
 
 Reliability settings (docs/stack.md, "Orchestration"): tasks are short steps; ``acks_late`` +
 ``reject_on_worker_lost`` so a step whose worker dies is delivered again; a short visibility timeout with kombu's
-unacked-restore sweep every 2 s, so a step held by a killed worker comes back in about 20 s; prefetch 1.
+unacked-restore sweep every 2 s, so a step held by a killed worker comes back in about 20 s; prefetch 1. The
+sweep's Redis mutex expires after :data:`UNACKED_MUTEX_EXPIRE_S` instead of kombu's 300 s: a worker killed while
+it holds the mutex would otherwise stop every other worker from restoring anything for five minutes.
 
 Environment: ``CFRSEG_BROKER_URL`` (default ``CFRSEG_REDIS_URL``), ``CFRSEG_RESULT_BACKEND`` (default the
 broker), ``CFRSEG_VISIBILITY_TIMEOUT_S`` (default 15; must exceed the longest step, which is bounded by the
@@ -16,6 +18,7 @@ import os
 from celery import Celery
 
 QUEUE = "cfrseg"
+UNACKED_MUTEX_EXPIRE_S = 10   # a sweep takes milliseconds; restores are transactional, so an overlap is harmless
 ADVANCE = "cfrseg.advance"
 
 
@@ -38,7 +41,7 @@ def make_app(broker: str | None = None, backend: str | None = None, visibility_t
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": vt, "unacked_restore_interval": 2,
-                                  "unacked_restore_throttle": 1},
+                                  "unacked_restore_throttle": 1, "unacked_mutex_expire": UNACKED_MUTEX_EXPIRE_S},
         result_backend_transport_options={"retry_policy": {"timeout": 5.0}},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
