@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from cfrseg.ssl.augment import Aug, apply_aug, sample_aug, source_patch
-from cfrseg.ssl.sampling import TwoStreamSampler, crop, crop_aug
+from cfrseg.ssl.sampling import TwoStreamSampler, crop, crop_aug, foreground_voxels
 
 
 def test_identity_reachable_and_all_transforms_drawn():
@@ -71,3 +71,27 @@ def test_sampler_covers_each_epoch_and_resumes_exactly():
     b.load_state_dict(state)
     assert b.draw_crop((50, 50, 30), (16, 16, 16), True) == crops
     assert [b.next() for _ in range(7)] == rest
+
+
+def test_foreground_oversampling_places_crops_on_the_label():
+    label = np.zeros((60, 50, 12), np.uint8)
+    label[40:44, 5:8, 3:5] = 2                                  # a small structure far from the centre
+    fg = foreground_voxels(label)
+    assert fg.shape == (4 * 3 * 2, 3) and (label[tuple(fg.T)] == 2).all()
+    assert len(foreground_voxels(np.ones((50, 50, 50), np.uint8), limit=1000)) == 1000   # capped subsample
+    patch = (16, 16, 8)
+
+    def hits(prob: float, n: int = 400) -> int:
+        s = TwoStreamSampler(1, 0, 1, 0, seed=3)
+        count = 0
+        for _ in range(n):
+            aug, start = s.draw_crop(label.shape, patch, True, 0.5, fg, prob)
+            count += int(crop_aug(label, aug, start, patch, 0).any())
+        return count
+    assert hits(1.0) == 400                                     # every crop holds foreground
+    assert hits(0.0) < 80                                       # uniform crops rarely do (about 10 %)
+    assert 120 < hits(0.33) < 220                               # a third plus the uniform share: ~160
+    # probability 0 draws exactly what the sampler drew before the option existed
+    a, b = TwoStreamSampler(1, 0, 1, 0, seed=5), TwoStreamSampler(1, 0, 1, 0, seed=5)
+    assert [a.draw_crop(label.shape, patch, True, 0.5) for _ in range(20)] == \
+           [b.draw_crop(label.shape, patch, True, 0.5, fg, 0.0) for _ in range(20)]

@@ -70,6 +70,7 @@ def _first_last(history, key, n=8):
     ({"evaluate": "best"}, "evaluate"),
     ({"batch_unlabeled": 0}, "batch_unlabeled must be >= 1"),
     ({"precision": "fp16"}, "precision must be one of"),
+    ({"foreground_prob": 1.5}, "foreground_prob"),
     ({"precision": "bf16", "patch": (32, 32, 16)}, "needs patch x and y >= 48"),
 ])
 def test_bad_config_values(bad, match):

@@ -50,14 +50,27 @@ class TwoStreamSampler:
         return lab, unl
 
     def draw_crop(self, shape: tuple[int, ...], patch: tuple[int, int, int], augment: bool,
-                  p_flip: float = 0.5) -> tuple[Aug, tuple[int, int, int]]:
-        """An augmentation and the crop start (in the un-rotated volume, may be negative = padding)."""
+                  p_flip: float = 0.5, foreground: np.ndarray | None = None,
+                  foreground_prob: float = 0.0) -> tuple[Aug, tuple[int, int, int]]:
+        """An augmentation and the crop start (in the un-rotated volume, may be negative = padding).
+
+        With probability ``foreground_prob`` (and a non-empty ``foreground``: (N, 3) voxel indices, e.g. from
+        :func:`foreground_voxels`) the crop is placed so that it contains one of those voxels drawn at random
+        (nnU-Net's foreground oversampling); otherwise uniformly. With ``foreground_prob`` 0 no extra random
+        number is drawn, so such runs see exactly the crops they saw before the option existed."""
         aug = sample_aug(self.rng, p_flip=p_flip) if augment else Aug()
         src = source_patch(patch, aug)
+        fg = None
+        use_fg = foreground_prob > 0 and foreground is not None and len(foreground) > 0
+        if use_fg and float(self.rng.random()) < foreground_prob:   # the draw happens only when use_fg
+            fg = foreground[int(self.rng.integers(len(foreground)))]
         start = []
-        for s, p in zip(shape, src):
+        for a, (s, p) in enumerate(zip(shape, src)):
             if s >= p:
-                start.append(int(self.rng.integers(0, s - p + 1)))
+                lo, hi = 0, s - p
+                if fg is not None:
+                    lo, hi = max(lo, int(fg[a]) - p + 1), min(hi, int(fg[a]))
+                start.append(int(self.rng.integers(lo, hi + 1)))
             else:  # pad symmetrically (centred), as the reference's RandomCrop does
                 start.append(-((p - s) // 2))
         return aug, tuple(start)  # type: ignore[return-value]
@@ -70,6 +83,15 @@ class TwoStreamSampler:
         self.rng.bit_generator.state = state["rng"]
         self.lab.perm, self.lab.pos = list(state["lab"][0]), int(state["lab"][1])
         self.unl.perm, self.unl.pos = list(state["unl"][0]), int(state["unl"][1])
+
+
+def foreground_voxels(label: np.ndarray, limit: int = 100_000, seed: int = 0) -> np.ndarray:
+    """(N, 3) int32 indices of the label's foreground voxels (value > 0); at most ``limit`` of them, a fixed
+    subsample (``seed``) when there are more, so memory stays small for large structures."""
+    flat = np.flatnonzero(label > 0)
+    if flat.size > limit:
+        flat = np.sort(np.random.default_rng(seed).choice(flat, limit, replace=False))
+    return np.stack(np.unravel_index(flat, label.shape), axis=1).astype(np.int32)
 
 
 def crop(arr: np.ndarray, start: tuple[int, int, int], size: tuple[int, int, int], fill: float = 0) -> np.ndarray:

@@ -34,7 +34,7 @@ from cfrseg.progress import CancelFlag, Eta, ProgressEvent, ProgressFn, emit
 from cfrseg.provenance import training_images
 from cfrseg.ssl.ema import update_ema
 from cfrseg.ssl.methods import METHODS, SSLMethod, SSLParams, build_method
-from cfrseg.ssl.sampling import TwoStreamSampler, crop_aug
+from cfrseg.ssl.sampling import TwoStreamSampler, crop_aug, foreground_voxels
 from cfrseg.stages import checkpoint as ckpt_io
 from cfrseg.store import Store, get_json, put_json
 
@@ -104,6 +104,7 @@ class RetrainConfig(ConfigBase):
     # augmentation
     augment: bool = True
     flip_p: float = 0.5
+    foreground_prob: float = 0.0                 # labeled crops placed on a random foreground voxel this often
     # run control
     seed: int = 1337
     checkpoint_interval_s: float = 600.0
@@ -182,6 +183,7 @@ class RetrainConfig(ConfigBase):
         require(self.pl_ramp in PL_RAMPS, f"{p}.pl_ramp must be one of {list(PL_RAMPS)}, got {self.pl_ramp!r}")
         _frac(self.pl_rampup, f"{p}.pl_rampup")
         _frac(self.flip_p, f"{p}.flip_p")
+        _frac(self.foreground_prob, f"{p}.foreground_prob")
         _int(self.seed, f"{p}.seed", 0)
         _pos(self.checkpoint_interval_s, f"{p}.checkpoint_interval_s")
         require(self.evaluate in ("teacher", "student"),
@@ -356,16 +358,26 @@ class BatchMaker:
                                         cfg.batch_labeled, cfg.batch_unlabeled if self.use_unlabeled else 0,
                                         cfg.seed)
         self.pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None
+        self._fg: dict[int, np.ndarray] = {}     # labeled case -> its foreground voxels (foreground_prob > 0)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _plan(self, items: list[tuple[np.ndarray, np.ndarray | None]], idx: list[int]) -> list[tuple]:
+    def _foreground(self, i: int, lbl: np.ndarray) -> np.ndarray:
+        if i not in self._fg:
+            self._fg[i] = foreground_voxels(lbl, seed=i)
+        return self._fg[i]
+
+    def _plan(self, items: list[tuple[np.ndarray, np.ndarray | None]], idx: list[int],
+              labeled: bool = False) -> list[tuple]:
         plans = []
+        p_fg = self.cfg.foreground_prob if labeled else 0.0   # ground truth only, never pseudo-labels
         for i in idx:
             img, lbl = items[i]
-            aug, start = self.sampler.draw_crop(img.shape, self.cfg.patch, self.cfg.augment, self.cfg.flip_p)
+            fg = self._foreground(i, lbl) if p_fg > 0 and lbl is not None else None
+            aug, start = self.sampler.draw_crop(img.shape, self.cfg.patch, self.cfg.augment, self.cfg.flip_p,
+                                                fg, p_fg)
             plans.append((img, lbl, aug, start))
         return plans
 
@@ -383,7 +395,7 @@ class BatchMaker:
     def next(self) -> dict[str, torch.Tensor]:
         """The next batch: image_l (B,1,X,Y,Z), label_l (B,X,Y,Z) and, when used, image_u, pl_u, pl_mask."""
         li, ui = self.sampler.next()
-        lplans = self._plan(self.td.labeled, li)   # all random draws happen here, in order, in this thread
+        lplans = self._plan(self.td.labeled, li, labeled=True)   # all random draws happen here, in order
         uplans = self._plan(self.td.unlabeled, ui)
         lab, unl = self._cut_all(lplans), self._cut_all(uplans)
         dev = self.device
