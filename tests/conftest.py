@@ -12,6 +12,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny networks gain nothing from 2 threads, and the shared 2-core CPU
+    makes them thrash. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _la_dir() -> Path | None:
     d = os.environ.get("CFRSEG_LA_DIR")
     if d and (Path(d) / "train.list").is_file():

@@ -17,13 +17,8 @@ from cfrseg.stages.retrain import RetrainConfig, load_checkpoint, run_retrain
 from cfrseg.store import LocalStore
 from tests.synth import synthetic_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _net(k: int = 3):

@@ -23,13 +23,8 @@ from cfrseg.stages.retrain import RetrainConfig, run_retrain
 from cfrseg.store import LocalStore
 from tests.synth import synthetic_case, synthetic_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=[4, 14], ids=["K4", "K14"])

@@ -24,6 +24,8 @@ from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
 from cfrseg.store import LocalStore, get_json
 from tests.synth import synthetic_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _mr(spacing, median, keep=False) -> Plan:
     return Plan("MR", spacing, 2, median_shape=median, anisotropic=keep, keep_slices=keep)
@@ -168,13 +170,6 @@ def test_patch_mode_memory_is_one_patch_of_slices(monkeypatch):
 
 
 # ------------------------------------------------------------------------------ the pipeline in patch mode
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_tiny_pipeline_in_patch_mode_k4_large_slices(tmp_path):

@@ -14,14 +14,8 @@ from cfrseg.progress import ProgressEvent
 from cfrseg.stages.retrain import RetrainConfig, evaluate_model, learning_rate, load_checkpoint, run_retrain
 from cfrseg.store import LocalStore
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny network gains nothing from 2 threads, and the shared 2-core CPU makes them thrash."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _cfg(**kw) -> RetrainConfig:
