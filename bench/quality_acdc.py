@@ -148,9 +148,13 @@ def paired_md(records: list[dict[str, Any]]) -> list[str]:
     return out + [""]
 
 
-def dice_png(records: list[dict[str, Any]], names: list[str], path: Path) -> Path | None:
+def dice_png(records: list[dict[str, Any]], names: list[str], path: Path,
+             prefer: tuple[str, list[str]] | None = None) -> Path | None:
     """Bars of per-class and mean Dice (mean over seeds, error bar = std over seeds when > 1) per L and model,
-    for the setting (profile, overrides, code version, subset) with the most records; None when there are none."""
+    for one setting (profile, overrides, code version, subset): the one with the most records among those with
+    ``prefer`` = (profile, overrides) when there are such, else among all; None when there are no records."""
+    if prefer is not None:
+        records = [r for r in records if (r["spec"]["profile"], list(r["spec"]["overrides"])) == prefer] or records
     if not records:
         return None
     import matplotlib
@@ -183,6 +187,8 @@ def dice_png(records: list[dict[str, Any]], names: list[str], path: Path) -> Pat
         ax.set_title("mean over classes" if col == k else names[col])
         ax.set_ylim(0, 1)
     axes[0].set_ylabel("Dice (validation frames)")
+    sp = rs[0]["spec"]
+    fig.suptitle(f"ACDC, profile {sp['profile']}, overrides {' '.join(sp['overrides']) or 'none'}", fontsize=9)
     axes[-1].legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = class_names(args.data, recs)
     print(to_markdown(recs, names))
-    png = dice_png(recs, names, results / "quality_acdc.png")
+    png = dice_png(recs, names, results / "quality_acdc.png", prefer=(args.profile, list(args.set)))
     if png is not None:
         print(f"chart: {png}")
     return 0
