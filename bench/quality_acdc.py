@@ -26,10 +26,8 @@ wins / losses / ties over frames, Wilcoxon p); the chart ``<results>/quality_acd
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -41,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acdc_protocol as ap_
 import quality_la as qla
 import quality_summary as qs
-from run_records import StaleRecord, canonical, code_version, load_cached, load_records, train_key
+from run_records import StaleRecord, canonical, code_version, load_cached, load_records
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_acdc"
 DEFAULT_METHODS = ["supervised", "mt", "cfr_mt", "magicnet", "cfr_magicnet"]
@@ -219,17 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=os.environ.get("CFRSEG_ACDC_DIR", "../shared/data/acdc"))
     ap.add_argument("--labeled", nargs="+", type=int, default=[3, 14], help="L: labeled patients")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--profile", default="lite")
-    ap.add_argument("--set", action="append", default=[], help="profile override stage.key=JSON (all runs)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
     ap.add_argument("--max-pool", type=int, help="smoke runs: only the first N pool patients")
     ap.add_argument("--max-val", type=int, help="smoke runs: only the first N validation patients")
-    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="records in <results>/records, stores in "
-                    "<results>/runs")
-    ap.add_argument("--summary-only", action="store_true", help="only print the tables of stored records")
-    ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    qla.add_run_arguments(ap, DEFAULT_RESULTS)
     args = ap.parse_args(argv)
     if args.one:
         qla.run_one(args.one, evaluate=_evaluate)
@@ -266,13 +256,9 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"== {tag}: {'would run' if args.plan else 'running'}", flush=True)
                     if args.plan:
                         continue
-                    job = results / "jobs" / f"{m}_L{L}_seed{seed}_{train_key(spec)[:16]}.json"
-                    job.parent.mkdir(parents=True, exist_ok=True)
-                    job.write_text(json.dumps({"specs": [spec], "data": str(args.data), "work": str(results / "runs"),
-                                               "results": str(records_dir)}))
-                    r = subprocess.run([sys.executable, __file__, "--one", str(job)], check=False)
-                    if r.returncode != 0:
-                        print(f"== {tag}: failed (exit {r.returncode})", file=sys.stderr)
+                    rc = qla.run_job(__file__, results, [spec], args.data, f"{m}_L{L}_seed{seed}")
+                    if rc != 0:
+                        print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
                         return 1
     try:
         recs = [r for r in (load_records(records_dir) if records_dir.is_dir() else [])

@@ -180,6 +180,30 @@ def run_one(job_file: str, evaluate=None) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- driver
+def run_job(script: str, results: Path, specs: list[dict[str, Any]], data: str, name: str) -> int:
+    """Write the job file of ``specs`` (one training, its splits) under ``<results>/jobs`` and run it in a child
+    process (``script --one JOB``); returns the child's exit status."""
+    job = results / "jobs" / f"{name}_{train_key(specs[0])[:16]}.json"
+    job.parent.mkdir(parents=True, exist_ok=True)
+    job.write_text(json.dumps({"specs": specs, "data": str(data), "work": str(results / "runs"),
+                               "results": str(results / "records")}))
+    return subprocess.run([sys.executable, script, "--one", str(job)], check=False).returncode
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, default_results: Path) -> None:
+    """The options every quality benchmark shares: seeds, profile and overrides, threads, where records go,
+    --summary-only, --plan and the internal --one (the child process of one run)."""
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--profile", default="lite")
+    ap.add_argument("--set", action="append", default=[], help="profile override stage.key=JSON (all runs)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    ap.add_argument("--results", default=str(default_results), help="records in <results>/records, stores in "
+                    "<results>/runs")
+    ap.add_argument("--summary-only", action="store_true", help="only print the tables of stored records")
+    ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -187,15 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", nargs="+", default=["val"], choices=list(protocol.EVAL_SPLITS))
     ap.add_argument("--labeled", nargs="+", default=["4"], help="L values, or 'all' (the ceiling)")
     ap.add_argument("--methods", nargs="+", default=["supervised", "mt", "cfr_mt"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
-    ap.add_argument("--profile", default="lite")
-    ap.add_argument("--set", action="append", default=[], help="profile override stage.key=JSON (all runs)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    ap.add_argument("--results", default=str(DEFAULT_RESULTS), help="records in <results>/records, stores in "
-                    "<results>/runs")
-    ap.add_argument("--summary-only", action="store_true", help="only print the summary of stored records")
-    ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
-    ap.add_argument("--one", help=argparse.SUPPRESS)
+    add_run_arguments(ap, DEFAULT_RESULTS)
     args = ap.parse_args(argv)
     if args.one:
         run_one(args.one)
@@ -228,13 +244,9 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                     if args.plan:
                         continue
-                    job = results / "jobs" / f"{m}_L{n}_seed{seed}_{train_key(todo[0])[:16]}.json"
-                    job.parent.mkdir(parents=True, exist_ok=True)
-                    job.write_text(json.dumps({"specs": todo, "data": str(args.data), "work": str(results / "runs"),
-                                               "results": str(records_dir)}))
-                    r = subprocess.run([sys.executable, __file__, "--one", str(job)], check=False)
-                    if r.returncode != 0:
-                        print(f"== {tag}: failed (exit {r.returncode})", file=sys.stderr)
+                    rc = run_job(__file__, results, todo, args.data, f"{m}_L{n}_seed{seed}")
+                    if rc != 0:
+                        print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
                         return 1
     from quality_summary import to_markdown
 
