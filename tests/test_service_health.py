@@ -123,8 +123,9 @@ def test_health_follows_s3_and_redis(deps, tmp_path):
 
         # a stage service down: reported by the gateway, which keeps serving its own API
         rt.stop()
-        wait_for(lambda: not {ch.name: ch for ch in c.health(include_components=False).checks}["retrain"].ok,
-                 20, "gateway notices the retrain service is gone")
+        # while it shuts down the service may first answer NOT_SERVING; wait for the state once it is gone
+        wait_for(lambda: "unreachable" in {ch.name: ch for ch in c.health(include_components=False).checks}[
+                 "retrain"].reason, 20, "gateway notices the retrain service is gone")
         rep = c.health()
         assert rep.serving and _status(gw.addr) == SERVING
         ret = {ch.name: ch for ch in rep.checks}["retrain"]
