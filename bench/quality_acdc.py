@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"== {tag}: {'would run' if args.plan else 'running'}", flush=True)
                     if args.plan:
                         continue
-                    rc = qla.run_job(__file__, results, [spec], args.data, f"{m}_L{L}_seed{seed}")
+                    rc = qla.run_job(__file__, results, [spec], args.data, f"{m}_L{L}_seed{seed}",
+                                     reuse_teacher=args.reuse_teacher)
                     if rc != 0:
                         print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
                         return 1

@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -33,10 +34,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
-from run_records import StaleRecord, code_version, load_cached, load_records, train_key, write_record
+from run_records import (StaleRecord, code_version, load_cached, load_records, teacher_key, train_key,
+                         write_record)
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_la"
 TIMING = "bench_timing.json"
+TEACHER_STAGES = ("finetune", "pseudolabel")
 
 
 def model_names(method: str) -> list[str]:
@@ -156,8 +159,11 @@ def run_one(job_file: str, evaluate=None) -> None:
     if code_version() != specs[0]["code"]:
         raise SystemExit("the code changed since the run was planned; plan it again")
     torch.set_num_threads(specs[0]["threads"] or torch.get_num_threads())
-    store_dir = Path(job["work"]) / f"{specs[0]['method']}_L{specs[0]['L']}_seed{specs[0]['seed']}_" \
-                                    f"{train_key(specs[0])[:16]}"
+    store_dir = Path(job["work"]) / store_name(specs[0])
+    teacher = job.get("teacher")
+    if teacher and not (store_dir / "finetune").exists():
+        for stage in TEACHER_STAGES:        # copies, not links: nothing here may change the source run
+            shutil.copytree(Path(job["work"]) / teacher["from"] / stage, store_dir / stage)
     store = LocalStore(store_dir)
     tfile = store_dir / TIMING
     for spec in specs:
@@ -175,18 +181,56 @@ def run_one(job_file: str, evaluate=None) -> None:
                   "peak_rss_mb": trained["peak_rss_mb"], "threads": trained["threads"],
                   "trained_with_split": trained["split"], "load_avg_1m": trained.get("load_avg_1m"),
                   "this_process": this}
+        if teacher:   # the whole pipeline's cost: the teacher's stages (measured in its run) plus this run
+            timing.update(teacher=teacher, own_wall_s=trained["wall_s"],
+                          pipeline_wall_s=round(trained["wall_s"] + teacher["stage_s"], 1),
+                          peak_rss_mb=max(trained["peak_rss_mb"], teacher["peak_rss_mb"]))
         p = write_record(Path(job["results"]), spec, models, timing, extra)
         print(f"wrote {p}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------- driver
-def run_job(script: str, results: Path, specs: list[dict[str, Any]], data: str, name: str) -> int:
+def store_name(spec: dict[str, Any]) -> str:
+    """The folder under ``<results>/runs`` holding the stores of one training."""
+    return f"{spec['method']}_L{spec['L']}_seed{spec['seed']}_{train_key(spec)[:16]}"
+
+
+def find_teacher(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """For a ``cfr_*`` spec: a finished CFR run under ``results`` whose teacher (fine-tuned SAM, pseudo-labels)
+    this spec can reuse (equal :func:`run_records.teacher_key`), as {"from": its run folder, "stage_s": its
+    fine-tune + pseudo-label seconds, "peak_rss_mb": its peak RSS up to the end of pseudo-labelling}; None when
+    there is none. A run that itself reused a teacher passes on the origin's figures."""
+    if not spec["method"].startswith("cfr_") or not (results / "records").is_dir():
+        return None
+    want = teacher_key(spec)
+    for rec in load_records(results / "records"):
+        s = rec["spec"]
+        if not s["method"].startswith("cfr_") or teacher_key(s) != want:
+            continue
+        run = results / "runs" / store_name(s)
+        if not all((run / st).is_dir() for st in TEACHER_STAGES) or not (run / "report.json").is_file():
+            continue
+        if rec["timing"].get("teacher"):
+            return dict(rec["timing"]["teacher"], **{"from": run.name})
+        rep = json.loads((run / "report.json").read_text())
+        return {"from": run.name, "origin": run.name,
+                "stage_s": round(sum(rep["timings_s"][st] for st in TEACHER_STAGES), 1),
+                "peak_rss_mb": rep["peak_rss_mb"]["pseudolabel"]}
+    return None
+
+
+def run_job(script: str, results: Path, specs: list[dict[str, Any]], data: str, name: str,
+            reuse_teacher: bool = False) -> int:
     """Write the job file of ``specs`` (one training, its splits) under ``<results>/jobs`` and run it in a child
-    process (``script --one JOB``); returns the child's exit status."""
+    process (``script --one JOB``); returns the child's exit status. ``reuse_teacher``: a ``cfr_*`` run starts
+    from the teacher stages of a matching finished run (:func:`find_teacher`), when there is one."""
     job = results / "jobs" / f"{name}_{train_key(specs[0])[:16]}.json"
     job.parent.mkdir(parents=True, exist_ok=True)
+    teacher = find_teacher(results, specs[0]) if reuse_teacher else None
+    if teacher:
+        print(f"   reusing the teacher (fine-tune, pseudo-labels) of {teacher['from']}", flush=True)
     job.write_text(json.dumps({"specs": specs, "data": str(data), "work": str(results / "runs"),
-                               "results": str(results / "records")}))
+                               "results": str(results / "records"), "teacher": teacher}))
     return subprocess.run([sys.executable, script, "--one", str(job)], check=False).returncode
 
 
@@ -201,6 +245,10 @@ def add_run_arguments(ap: argparse.ArgumentParser, default_results: Path) -> Non
                     "<results>/runs")
     ap.add_argument("--summary-only", action="store_true", help="only print the tables of stored records")
     ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
+    ap.add_argument("--reuse-teacher", action="store_true",
+                    help="cfr_* runs copy the fine-tune and pseudo-label stages of a finished CFR run that differs "
+                    "only in the re-train settings (the core's provenance check confirms them) and train only "
+                    "the re-train stage; the record's wall time adds the teacher's measured stage seconds")
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
@@ -244,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                     if args.plan:
                         continue
-                    rc = run_job(__file__, results, todo, args.data, f"{m}_L{n}_seed{seed}")
+                    rc = run_job(__file__, results, todo, args.data, f"{m}_L{n}_seed{seed}",
+                                 reuse_teacher=args.reuse_teacher)
                     if rc != 0:
                         print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
                         return 1

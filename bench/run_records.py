@@ -44,6 +44,16 @@ def train_key(spec: Mapping[str, Any]) -> str:
     return key_of(spec, EVAL_ONLY)
 
 
+def teacher_key(spec: Mapping[str, Any]) -> str:
+    """The key of what a CFR run's teacher (fine-tuned SAM and its pseudo-labels) depends on: the spec without
+    the re-train side (method, overrides, the resolved ``retrain`` section) and without the bench's code version
+    (the core's own provenance check compares the code when the stages are reused). Runs sharing it can share
+    the teacher; only the re-train stage differs."""
+    s = {k: v for k, v in spec.items() if k not in ("method", "overrides", "code")}
+    s["resolved"] = {k: v for k, v in spec["resolved"].items() if k != "retrain"}
+    return hashlib.sha256(canonical(s).encode()).hexdigest()
+
+
 def code_version(repo: Path = REPO) -> dict[str, Any]:
     """{"commit", "dirty", "diff_sha256"}: HEAD, whether tracked or untracked (not ignored) files differ from
     it, and a digest of those differences (so two different dirty trees never share a key)."""
