@@ -239,3 +239,64 @@ def test_driver_runs_once_then_reuses_and_refuses_stale(la_dir, tmp_path, monkey
     assert quality_la.main(argv) == 2 and len(calls) == 18
     assert "refusing to reuse" in capsys.readouterr().err
     assert quality_la.main(["--results", str(tmp_path), "--summary-only"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ teacher reuse
+def test_teacher_key_ignores_only_the_retrain_side():
+    base = _spec(method="cfr_mt", resolved={"retrain": {"seed": 0}, "finetune": {"seed": 0, "iterations": 400}})
+    same = [_spec(method="cfr_magicnet", resolved=base["resolved"]),
+            dict(base, overrides=["retrain.pl_weight=1.0"], resolved=dict(base["resolved"], retrain={"seed": 0,
+                                                                                                   "pl_weight": 1})),
+            dict(base, code={"commit": "def", "dirty": False, "diff_sha256": None})]
+    other = [dict(base, resolved=dict(base["resolved"], finetune={"seed": 0, "iterations": 200})),
+             dict(base, seed=1), dict(base, labeled_ids=IDS[:3]), dict(base, threads=1)]
+    assert all(rr.teacher_key(s) == rr.teacher_key(base) for s in same)
+    assert all(rr.teacher_key(s) != rr.teacher_key(base) for s in other)
+
+
+def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypatch):
+    import quality_la as qla
+
+    code = {"commit": "c0", "dirty": False, "diff_sha256": None}
+    res = {"retrain": {"seed": 0}, "finetune": {"seed": 0}}
+    src = _spec(method="cfr_mt", code=code, resolved=res)
+    run = tmp_path / "runs" / qla.store_name(src)
+    for st in qla.TEACHER_STAGES:
+        (run / st).mkdir(parents=True)
+        (run / st / "out.bin").write_bytes(st.encode())
+    (run / "report.json").write_text(json.dumps({"timings_s": {"finetune": 100.0, "pseudolabel": 50.0},
+                                                 "peak_rss_mb": {"pseudolabel": 3000.0}}))
+    rr.write_record(tmp_path / "records", src, _models(("CFR_FT", "CFR_MT")), TIMING)
+    new = dict(src, method="cfr_magicnet", overrides=["retrain.pl_weight=1.0"],
+               resolved={"retrain": {"seed": 0, "pl_weight": 1.0}, "finetune": {"seed": 0}})
+    assert qla.find_teacher(tmp_path, dict(new, method="magicnet")) is None         # not a CFR run
+    assert qla.find_teacher(tmp_path, dict(new, resolved={"retrain": {}, "finetune": {"seed": 5}})) is None
+    seen = {}
+
+    def evaluate(spec, data, store):     # the child's training, faked: sees the copied teacher stages
+        seen["dir"] = sorted(p.name for p in (tmp_path / "runs" / qla.store_name(spec)).iterdir())
+        (tmp_path / "runs" / qla.store_name(spec) / "finetune" / "out.bin").write_bytes(b"changed")
+        return _models(("CFR_FT", "CFR_MAGICNET")), {}
+
+    def fake_run(cmd, check=False):
+        qla.run_one(cmd[-1], evaluate=evaluate)
+
+        class R:
+            returncode = 0
+        return R()
+
+    monkeypatch.setattr(qla.subprocess, "run", fake_run)
+    monkeypatch.setattr(qla, "code_version", lambda: code)
+    assert qla.run_job(qla.__file__, tmp_path, [new], "data", "cfr_magicnet_L4_seed0", reuse_teacher=True) == 0
+    assert seen["dir"] == ["finetune", "pseudolabel"]
+    assert (run / "finetune" / "out.bin").read_bytes() == b"finetune"     # a copy: the source is untouched
+    rec = rr.load_cached(tmp_path / "records", new)
+    t = rec["timing"]
+    assert t["teacher"]["from"] == run.name and t["teacher"]["stage_s"] == 150.0
+    assert t["pipeline_wall_s"] == pytest.approx(t["own_wall_s"] + 150.0, abs=0.11)
+    assert t["peak_rss_mb"] >= 3000.0
+    # a run that reused a teacher passes the origin's figures on, and copies from itself
+    third = dict(new, overrides=["retrain.pl_weight=0.5"], resolved={"retrain": {"seed": 0, "pl_weight": 0.5},
+                                                                        "finetune": {"seed": 0}})
+    t3 = qla.find_teacher(tmp_path, third)
+    assert t3["stage_s"] == 150.0 and t3["origin"] == run.name
