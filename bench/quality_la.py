@@ -199,16 +199,21 @@ def find_teacher(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     """For a ``cfr_*`` spec: a finished CFR run under ``results`` whose teacher (fine-tuned SAM, pseudo-labels)
     this spec can reuse (equal :func:`run_records.teacher_key`), as {"from": its run folder, "stage_s": its
     fine-tune + pseudo-label seconds, "peak_rss_mb": its peak RSS up to the end of pseudo-labelling}; None when
-    there is none. A run that itself reused a teacher passes on the origin's figures."""
+    there is none. A run that itself reused a teacher passes on the origin's figures. Runs whose stages were
+    made by other cfrseg sources (their ``provenance.json``) are passed over: the stage would refuse them."""
     if not spec["method"].startswith("cfr_") or not (results / "records").is_dir():
         return None
-    want = teacher_key(spec)
+    from cfrseg.provenance import code_version as core_code
+
+    want, core = teacher_key(spec), core_code()
     for rec in load_records(results / "records"):
         s = rec["spec"]
         if not s["method"].startswith("cfr_") or teacher_key(s) != want:
             continue
         run = results / "runs" / store_name(s)
         if not all((run / st).is_dir() for st in TEACHER_STAGES) or not (run / "report.json").is_file():
+            continue
+        if any(_stage_code(run / st) != core for st in TEACHER_STAGES):
             continue
         if rec["timing"].get("teacher"):
             return dict(rec["timing"]["teacher"], **{"from": run.name})
@@ -217,6 +222,12 @@ def find_teacher(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
                 "stage_s": round(sum(rep["timings_s"][st] for st in TEACHER_STAGES), 1),
                 "peak_rss_mb": rep["peak_rss_mb"]["pseudolabel"]}
     return None
+
+
+def _stage_code(stage_dir: Path) -> dict[str, Any] | None:
+    """The cfrseg code version a stage's results were made with (None when it has no provenance record)."""
+    p = stage_dir / "provenance.json"
+    return json.loads(p.read_text()).get("code") if p.is_file() else None
 
 
 def run_job(script: str, results: Path, specs: list[dict[str, Any]], data: str, name: str,

@@ -261,9 +261,12 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
     res = {"retrain": {"seed": 0}, "finetune": {"seed": 0}}
     src = _spec(method="cfr_mt", code=code, resolved=res)
     run = tmp_path / "runs" / qla.store_name(src)
+    from cfrseg.provenance import code_version as core_code
+
     for st in qla.TEACHER_STAGES:
         (run / st).mkdir(parents=True)
         (run / st / "out.bin").write_bytes(st.encode())
+        (run / st / "provenance.json").write_text(json.dumps({"code": core_code()}))
     (run / "report.json").write_text(json.dumps({"timings_s": {"finetune": 100.0, "pseudolabel": 50.0},
                                                  "peak_rss_mb": {"pseudolabel": 3000.0}}))
     rr.write_record(tmp_path / "records", src, _models(("CFR_FT", "CFR_MT")), TIMING)
@@ -271,6 +274,10 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
                resolved={"retrain": {"seed": 0, "pl_weight": 1.0}, "finetune": {"seed": 0}})
     assert qla.find_teacher(tmp_path, dict(new, method="magicnet")) is None         # not a CFR run
     assert qla.find_teacher(tmp_path, dict(new, resolved={"retrain": {}, "finetune": {"seed": 5}})) is None
+    # stages made by other cfrseg sources are passed over (the stage's provenance check would refuse them)
+    (run / "pseudolabel" / "provenance.json").write_text(json.dumps({"code": {"version": "0", "sha256": "x"}}))
+    assert qla.find_teacher(tmp_path, new) is None
+    (run / "pseudolabel" / "provenance.json").write_text(json.dumps({"code": core_code()}))
     seen = {}
 
     def evaluate(spec, data, store):     # the child's training, faked: sees the copied teacher stages
