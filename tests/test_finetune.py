@@ -312,3 +312,50 @@ def test_bf16_cache_mode_learns_resumes_exactly_and_predicts_close_to_fp32(la_di
     assert p16.dtype == torch.float32 and (p16 - p32).abs().max() < 0.05 and not torch.equal(p16, p32)
     with pytest.raises(ConfigError, match="precision"):
         FinetuneConfig(**dict(TINY, precision="fp16"))
+
+
+_CACHE_MEMORY_SCRIPT = '''
+import json
+import torch
+torch.set_num_threads(1)
+from cfrseg.stages import finetune as ft
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+def batch(vols, spec, n, g, **kw):              # the mosaics themselves are not what is measured
+    return torch.rand(n, 3, 8, 8, generator=g), torch.ones(n, 8, 8), torch.ones(n, 8, 8, dtype=torch.bool)
+
+class Encoder:
+    def embed(self, images):                     # 1 MiB of float32 per mosaic, every page written
+        return torch.full((len(images), 64, 64, 64), 0.5)
+
+ft.make_batch = batch
+ft.build_embedding_cache(Encoder(), [None], None, 8, seed=0, bezier_p=0.0, foreground_prob=0.0)   # warm up
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = status("VmRSS")
+cache = ft.build_embedding_cache(Encoder(), [None] * 8, None, 32, seed=0, bezier_p=0.0, foreground_prob=0.0)
+print(json.dumps({"peak": status("VmHWM") - base, "cache": cache.embeddings.numel() * 4,
+                  "filled": float(cache.embeddings.min()), "n": len(cache.target)}))
+'''
+
+
+def test_embedding_cache_is_held_once(tmp_path):
+    """The frozen-encoder cache (8 volumes x 32 mosaics of 1 MiB) is filled in place: peak RSS growth stays
+    under 1.4x its size (a list of chunks and a torch.cat, as before, held it twice: at least 2x)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "cache_mem.py"
+    script.write_text(_CACHE_MEMORY_SCRIPT)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["n"] == 256 and r["filled"] == 0.5 and r["cache"] == 256 * 2**20
+    assert r["cache"] <= r["peak"] < 1.4 * r["cache"], r

@@ -372,8 +372,9 @@ def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec,
     from cfrseg.stages.precision import autocast
 
     g = torch.Generator().manual_seed(seed)
-    embs, tgts, vals = [], [], []
     total = per_volume * len(volumes)
+    cache: EmbeddingCache | None = None
+    done = 0
     for pv in volumes:
         left = per_volume
         while left > 0:
@@ -382,13 +383,21 @@ def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec,
                                                foreground_prob=foreground_prob)
             with autocast(images.device, precision):
                 emb = sam.embed(images)
-            embs.append(emb.float().clone())
-            tgts.append(target.to(torch.uint8))
-            vals.append(valid)
+            if cache is None:   # filled in place: the cache is held once (4 MB a mosaic for LiteMedSAM)
+                cache = EmbeddingCache(torch.empty((total, *emb.shape[1:]), dtype=torch.float32, device=emb.device),
+                                       torch.empty((total, *target.shape[1:]), dtype=torch.uint8,
+                                                   device=target.device),
+                                       torch.empty((total, *valid.shape[1:]), dtype=torch.bool, device=valid.device))
+            cache.embeddings[done:done + n] = emb
+            cache.target[done:done + n] = target
+            cache.valid[done:done + n] = valid
+            done += n
             left -= n
             if on_chunk is not None:
-                on_chunk(sum(len(e) for e in embs), total)
-    return EmbeddingCache(torch.cat(embs), torch.cat(tgts), torch.cat(vals))
+                on_chunk(done, total)
+    if cache is None:
+        raise ValueError("build_embedding_cache needs at least one volume and per_volume >= 1")
+    return cache
 
 
 # ------------------------------------------------------------------------------------------------ the stage
