@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acdc_protocol as ap_
 import quality_la as qla
 import quality_summary as qs
-from run_records import StaleRecord, canonical, code_version, load_cached, load_records
+from run_records import StaleRecord, canonical, code_tag, code_version, commits_of, load_cached, load_records
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_acdc"
 DEFAULT_METHODS = ["supervised", "mt", "cfr_mt", "magicnet", "cfr_magicnet"]
@@ -89,7 +89,8 @@ def _pm(vals: list[float], f: str = ".3f") -> str:
 
 def _setting(r: dict[str, Any]) -> str:
     s = r["spec"]
-    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": s["code"], "subset": s.get("subset")})
+    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": code_tag(s["code"]),
+                      "subset": s.get("subset")})
 
 
 def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
@@ -106,9 +107,8 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
     for _, rs in sorted(groups.items()):
         s = rs[0]["spec"]
         lines += [(f"Split `val` ({len(s['split_ids'])} frames); profile `{s['profile']}`, overrides "
-                  f"`{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code "
-                  f"{(s['code'].get('commit') or '?')[:10]}{' (dirty)' if s['code'].get('dirty') else ''}. "
-                  "HD95 in voxels."), "",
+                  f"`{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code {commits_of(rs)} "
+                  f"({code_tag(s['code'])}). HD95 in voxels."), "",
                   "| L | model | seeds | " + " | ".join(f"Dice {n}" for n in names) + " | Dice mean | "
                   + " | ".join(f"HD95 {n}" for n in names) + " | HD95 mean | wall (min) | peak RSS (GB) |",
                   "|" + "---|" * (2 * k + 7)]
@@ -149,8 +149,9 @@ def paired_md(records: list[dict[str, Any]]) -> list[str]:
 def dice_png(records: list[dict[str, Any]], names: list[str], path: Path,
              prefer: tuple[str, list[str]] | None = None) -> Path | None:
     """Bars of per-class and mean Dice (mean over seeds, error bar = std over seeds when > 1) per L and model,
-    for one setting (profile, overrides, code version, subset): the one with the most records among those with
-    ``prefer`` = (profile, overrides) when there are such, else among all; None when there are no records."""
+    for one setting (profile, overrides, code version (the core's tree: run_records.code_tag), subset): the one
+    with the most records among those with ``prefer`` = (profile, overrides) when there are such, else among
+    all; None when there are no records."""
     if prefer is not None:
         records = [r for r in records if (r["spec"]["profile"], list(r["spec"]["overrides"])) == prefer] or records
     if not records:

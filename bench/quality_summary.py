@@ -8,7 +8,8 @@ Maths (docs/protocol.md): for each record (one seed) a model's figure is the mea
 of those per-seed figures, with the number of seeds. The paired comparison takes the seeds both models have;
 per case it averages each model's Dice over those seeds, then reports the mean per-case difference A - B,
 wins / losses / ties over cases, the two-sided Wilcoxon signed-rank p-value over cases (scipy), and the
-per-seed differences of the means. Records are grouped by setting (profile, overrides, code version): one
+per-seed differences of the means. Records are grouped by setting (profile, overrides, code version: the core's
+source tree, run_records.code_tag, so commits that changed only benchmarks, tests or docs share a table): one
 table per setting, never averaged across settings.
 """
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_records import canonical, load_records
+from run_records import canonical, code_tag, commits_of, load_records
 
 METRICS = ("dice", "jaccard", "asd", "hd95")
 MODEL_ORDER = ("supervised", "MT", "CFR_FT", "CFR_MT")
@@ -56,10 +57,7 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
 
 def setting_of(rec: Mapping[str, Any]) -> str:
     s = rec["spec"]
-    code = s.get("code", {})
-    tag = (code.get("commit") or "?")[:10] + ("+dirty:" + (code.get("diff_sha256") or "?")[:8]
-                                               if code.get("dirty") else "")
-    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": tag,
+    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": code_tag(s.get("code", {})),
                       "platform": s.get("platform")})
 
 
@@ -160,10 +158,9 @@ def to_markdown(records: list[Mapping[str, Any]], split: str, pairs: Iterable[tu
     lines: list[str] = []
     for setting, rs in sorted(groups.items()):
         s = rs[0]["spec"]
-        code = s.get("code", {})
         lines += [(f"Split `{split}` ({len(s['split_ids'])} cases); profile `{s['profile']}`, overrides "
-                  f"`{' '.join(s['overrides']) or 'none'}`; code {(code.get('commit') or '?')[:10]}"
-                  f"{' (dirty)' if code.get('dirty') else ''}{_platform(s.get('platform'))}."), "",
+                  f"`{' '.join(s['overrides']) or 'none'}`; code {commits_of(rs)} "
+                  f"({code_tag(s.get('code', {}))}){_platform(s.get('platform'))}."), "",
                   "| L | model | seeds | Dice | Jaccard | ASD (mm) | HD95 (mm) | wall (min) | CPU (min) | peak RSS (GB) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for row in aggregate(rs):

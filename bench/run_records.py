@@ -11,6 +11,7 @@ asked for, field by field; anything else is refused with the differing fields na
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -75,6 +76,36 @@ def code_version(repo: Path = REPO) -> dict[str, Any]:
             if p.is_file():
                 h.update(hashlib.sha256(p.read_bytes()).digest())
     return {"commit": commit, "dirty": True, "diff_sha256": h.hexdigest()}
+
+
+@functools.lru_cache(maxsize=None)
+def _core_tree(commit: str, repo: Path = REPO) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", f"{commit}:src/cfrseg"], cwd=repo, capture_output=True,
+                             check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.decode().strip() or None
+
+
+def code_tag(code: Mapping[str, Any], repo: Path = REPO) -> str:
+    """What the summaries group records by: for a clean commit, the git tree of ``src/cfrseg`` at it (``core
+    <tree>``), so commits that differ only outside the core (benchmarks, tests, docs; the spec holds every
+    choice the benchmark makes) share a table; a dirty tree, or a commit this clone does not have, keeps its
+    own tag (commit, and the digest of its uncommitted changes)."""
+    commit = code.get("commit")
+    if commit and not code.get("dirty"):
+        tree = _core_tree(commit, repo)
+        if tree:
+            return f"core {tree[:10]}"
+    return (commit or "?")[:10] + ("+dirty:" + (code.get("diff_sha256") or "?")[:8] if code.get("dirty") else "")
+
+
+def commits_of(records: list[Mapping[str, Any]]) -> str:
+    """The commits behind a group of records, for a table's header: "a1b2c3d4e5, f6..." (dirty ones marked)."""
+    tags = sorted({(r["spec"]["code"].get("commit") or "?")[:10] + (" (dirty)" if r["spec"]["code"].get("dirty")
+                                                                    else "") for r in records})
+    return ", ".join(tags)
 
 
 def record_path(results: Path, spec: Mapping[str, Any]) -> Path:

@@ -137,6 +137,30 @@ def test_code_version_tracks_uncommitted_changes(tmp_path):
     assert len({d1["diff_sha256"], d2["diff_sha256"], d3["diff_sha256"]}) == 3
 
 
+def test_code_tag_groups_commits_that_differ_only_outside_the_core(tmp_path):
+    import subprocess
+
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True).stdout.decode().strip()
+
+    def commit(path, text):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+        git("add", path)
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", path)
+        return {"commit": git("rev-parse", "HEAD"), "dirty": False, "diff_sha256": None}
+
+    git("init", "-q")
+    c1 = commit("src/cfrseg/a.py", "x = 1\n")
+    c2 = commit("bench/b.py", "y = 1\n")             # benchmark-only change: same core tree
+    c3 = commit("src/cfrseg/a.py", "x = 2\n")        # core change: another group
+    t1, t2, t3 = (rr.code_tag(c, tmp_path) for c in (c1, c2, c3))
+    assert t1 == t2 != t3 and t1.startswith("core ")
+    dirty = dict(c3, dirty=True, diff_sha256="ab" * 32)
+    assert rr.code_tag(dirty, tmp_path) == c3["commit"][:10] + "+dirty:abababab"
+    assert rr.code_tag({"commit": "0" * 40, "dirty": False}, tmp_path) == "0" * 10     # unknown commit
+
+
 # ------------------------------------------------------------------------------------------------- summary
 def _rec(model, seed, dice_by_case, L=4, split="val"):
     ids = IDS[64:80] if split == "val" else IDS[48:64]
@@ -203,8 +227,11 @@ def test_driver_runs_once_then_reuses_and_refuses_stale(la_dir, tmp_path, monkey
     import quality_la
 
     calls = []
+    real_run = quality_la.subprocess.run
 
-    def fake_run(cmd, check=False):           # the child process, without training: one record per split
+    def fake_run(cmd, check=False, **kw):     # the child process, without training: one record per split
+        if cmd[0] == "git":                   # the summary's code tags still ask git
+            return real_run(cmd, check=check, **kw)
         job = json.loads(Path(cmd[-1]).read_text())
         calls.append([s["split"] for s in job["specs"]])
         for s in job["specs"]:
