@@ -45,6 +45,7 @@ DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_acdc"
 DEFAULT_METHODS = ["supervised", "mt", "cfr_mt", "magicnet", "cfr_magicnet"]
 MODEL_ORDER = ("supervised", "MT", "CFR_FT", "CFR_MT", "MAGICNET", "CFR_MAGICNET")
 PAIRS = (("CFR_MT", "MT"), ("CFR_MAGICNET", "MAGICNET"))
+PL_ONLY = ("retrain.pl_",)        # settings that act only through pseudo-labels, i.e. only in cfr_* runs
 
 
 def make_spec(args: argparse.Namespace, L: int, method: str, seed: int, code: dict[str, Any],
@@ -87,10 +88,35 @@ def _pm(vals: list[float], f: str = ".3f") -> str:
     return _fmt(float(np.mean(v)), f) + (f" ± {np.std(v, ddof=1):{f}}" if len(v) > 1 else "")
 
 
-def _setting(r: dict[str, Any]) -> str:
+def _setting(r: dict[str, Any], overrides: list[str] | None = None) -> str:
     s = r["spec"]
-    return canonical({"profile": s["profile"], "overrides": s["overrides"], "code": code_tag(s["code"]),
-                      "subset": s.get("subset")})
+    return canonical({"profile": s["profile"], "overrides": s["overrides"] if overrides is None else overrides,
+                      "code": code_tag(s["code"]), "subset": s.get("subset")})
+
+
+def _no_pl(overrides: list[str]) -> list[str]:
+    return [o for o in overrides if not o.startswith(PL_ONLY)]
+
+
+def group_records(records: list[dict[str, Any]]) -> dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]]:
+    """Records by setting, as {setting: (records, borrowed)}. Pseudo-label settings (``retrain.pl_*``) act only
+    where pseudo-labels exist, i.e. in ``cfr_*`` runs; so a setting that sets them also shows the runs without
+    pseudo-labels (supervised, MT, MagicNet) of the same setting without them, for each (L, method) it has none
+    of its own (``borrowed``: same profile, code, subset and every other override)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[_setting(r)].append(r)
+    out = {}
+    for key, rs in groups.items():
+        over = list(rs[0]["spec"]["overrides"])
+        borrowed: list[dict[str, Any]] = []
+        if _no_pl(over) != over:
+            have = {(r["spec"]["L"], r["spec"]["method"]) for r in rs}
+            borrowed = [r for r in groups.get(_setting(rs[0], _no_pl(over)), [])
+                        if not r["spec"]["method"].startswith("cfr_")
+                        and (r["spec"]["L"], r["spec"]["method"]) not in have]
+        out[key] = (rs + borrowed, borrowed)
+    return out
 
 
 def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
@@ -99,16 +125,18 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
     if not records:
         return "(no ACDC records)\n"
     k = len(names)
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[_setting(r)].append(r)
     lines: list[str] = []
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
-    for _, rs in sorted(groups.items()):
+    for _, (rs, borrowed) in sorted(group_records(records).items()):
         s = rs[0]["spec"]
+        note = ""
+        if borrowed:
+            ms = sorted({f"{r['spec']['method']} L={r['spec']['L']}" for r in borrowed})
+            note = (f" Rows without pseudo-labels ({', '.join(ms)}) are the runs with overrides "
+                    f"`{' '.join(_no_pl(s['overrides'])) or 'none'}`: `retrain.pl_*` acts only on CFR runs.")
         lines += [(f"Split `val` ({len(s['split_ids'])} frames); profile `{s['profile']}`, overrides "
                   f"`{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code {commits_of(rs)} "
-                  f"({code_tag(s['code'])}). HD95 in voxels."), "",
+                  f"({code_tag(s['code'])}). HD95 in voxels.{note}"), "",
                   "| L | model | seeds | " + " | ".join(f"Dice {n}" for n in names) + " | Dice mean | "
                   + " | ".join(f"HD95 {n}" for n in names) + " | HD95 mean | wall (min) | peak RSS (GB) |",
                   "|" + "---|" * (2 * k + 7)]
@@ -152,19 +180,17 @@ def dice_png(records: list[dict[str, Any]], names: list[str], path: Path,
     for one setting (profile, overrides, code version (the core's tree: run_records.code_tag), subset): the one
     with the most records among those with ``prefer`` = (profile, overrides) when there are such, else among
     all; None when there are no records."""
-    if prefer is not None:
-        records = [r for r in records if (r["spec"]["profile"], list(r["spec"]["overrides"])) == prefer] or records
     if not records:
         return None
+    groups = [rs for rs, _ in group_records(records).values()]
+    if prefer is not None:
+        groups = [g for g in groups if (g[0]["spec"]["profile"], list(g[0]["spec"]["overrides"])) == prefer] or groups
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        groups[_setting(r)].append(r)
-    rs = max(groups.values(), key=len)
+    rs = max(groups, key=len)
     k = len(names)
     order = {m: i for i, m in enumerate(MODEL_ORDER)}
     Ls = sorted({r["spec"]["L"] for r in rs})

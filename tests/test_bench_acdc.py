@@ -117,3 +117,26 @@ def test_paired_table_and_chart(tmp_path):
     png = qa.dice_png(recs, ["RV", "Myo", "LV"], tmp_path / "c.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert qa.dice_png([], ["RV"], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_pseudo_label_settings_borrow_the_runs_without_pseudo_labels():
+    """A setting that adds retrain.pl_* (inert without pseudo-labels) shows, and pairs against, the MT run of the
+    same setting without it; a setting differing in anything else borrows nothing."""
+    code = {"commit": "abc", "dirty": False, "diff_sha256": None}
+    frames = IDS[14:]
+
+    def rec(method, overrides, d):
+        spec = dict(qa.make_spec(_args(), 3, method, 0, code, IDS, "0" * 64), overrides=overrides)
+        models = {"CFR_MT" if method == "cfr_mt" else "MT": {c: {"dice": [d] * 3, "jaccard": [d] * 3,
+                                                                 "asd": [1.0] * 3, "hd95": [2.0] * 3}
+                                                             for c in frames}}
+        return {"spec": spec, "models": models, "timing": {}}
+    recs = [rec("mt", ["retrain.foreground_prob=0.33"], 0.2), rec("mt", ["retrain.iterations=5"], 0.9),
+            rec("cfr_mt", ["retrain.foreground_prob=0.33", "retrain.pl_weight=1.0"], 0.5)]
+    groups = qa.group_records(recs)
+    with_pl = next(v for v in groups.values() if "retrain.pl_weight=1.0" in v[0][0]["spec"]["overrides"])
+    assert with_pl[1] == [recs[0]]
+    assert all(not b for rs, b in groups.values() if rs[0] is not recs[2])
+    md = qa.to_markdown(recs, ["RV", "Myo", "LV"])
+    assert "| 3 | CFR_MT - MT | 1 | 20 | +0.300 | 20 / 0 / 0 |" in md
+    assert "Rows without pseudo-labels (mt L=3)" in md
