@@ -28,16 +28,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_records import canonical, code_tag, commits_of, load_records
 
+from cfrseg.metrics import case_mean as case_value, paired_stats
+
 METRICS = ("dice", "jaccard", "asd", "hd95")
 MODEL_ORDER = ("supervised", "MT", "CFR_FT", "CFR_MT")
-
-
-def case_value(metrics: Mapping[str, Any], metric: str) -> float:
-    """One case's figure: the mean over foreground classes (NaN / None left out; NaN if none)."""
-    v = metrics[metric]
-    vals = [float(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None]
-    vals = [x for x in vals if not math.isnan(x)]
-    return float(np.mean(vals)) if vals else math.nan
 
 
 def run_mean(cases: Mapping[str, Mapping[str, Any]], metric: str) -> float:
@@ -96,8 +90,6 @@ def _L_sort(L: str) -> float:
 def paired(records: list[Mapping[str, Any]], a: str = "CFR_MT", b: str = "MT",
            metric: str = "dice") -> list[dict[str, Any]]:
     """Per L: the paired per-case comparison of model ``a`` against ``b`` (see the module docstring)."""
-    from scipy.stats import wilcoxon
-
     per: dict[str, dict[str, dict[int, Mapping[str, Any]]]] = defaultdict(lambda: {a: {}, b: {}})
     for r in records:
         for model in (a, b):
@@ -114,15 +106,8 @@ def paired(records: list[Mapping[str, Any]], a: str = "CFR_MT", b: str = "MT",
         da = np.array([[case_value(mods[a][s][c], metric) for c in cases] for s in seeds])
         db = np.array([[case_value(mods[b][s][c], metric) for c in cases] for s in seeds])
         diff = np.nanmean(da, axis=0) - np.nanmean(db, axis=0)           # per case, over seeds
-        diff = diff[~np.isnan(diff)]
-        if diff.size and np.any(diff != 0):
-            p = float(wilcoxon(diff, alternative="two-sided").pvalue)
-        else:
-            p = 1.0
-        out.append({"L": L, "a": a, "b": b, "metric": metric, "seeds": seeds, "n_cases": int(diff.size),
-                    "mean_diff": float(diff.mean()) if diff.size else math.nan,
-                    "wins": int((diff > 0).sum()), "losses": int((diff < 0).sum()),
-                    "ties": int((diff == 0).sum()), "wilcoxon_p": p,
+        stats = paired_stats(diff)
+        out.append({"L": L, "a": a, "b": b, "metric": metric, "seeds": seeds, **stats,
                     "per_seed_diff": [float(np.nanmean(da[i]) - np.nanmean(db[i])) for i in range(len(seeds))]})
     out.sort(key=lambda r: _L_sort(r["L"]))
     return out

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from cfrseg.errors import InputError
-from cfrseg.metrics import METRICS, compute_case, format_table, summarize, surface
+from cfrseg.metrics import (METRICS, case_mean, compute_case, format_table, paired_difference, paired_stats,
+                            summarize, surface)
 
 
 def cube(shape: tuple[int, int, int], lo: tuple[int, int, int], size: int) -> np.ndarray:
@@ -127,3 +128,38 @@ def test_bad_inputs() -> None:
         compute_case(a, a, (1, 0, 1), 2)
     with pytest.raises(InputError):
         summarize([])
+
+
+def test_case_mean_leaves_out_undefined_classes() -> None:
+    assert case_mean({"dice": [0.5, math.nan, 1.0]}) == pytest.approx(0.75)
+    assert case_mean({"hd95": [None, 4.0]}, "hd95") == 4.0
+    assert math.isnan(case_mean({"dice": [math.nan, math.nan]}))
+    assert case_mean({"dice": 0.3}) == 0.3
+
+
+def test_paired_difference_counts_and_signs() -> None:
+    # A is better on c1 and c2, worse on c3, equal on c4; c5 exists only in A; c6 has no defined Dice in B
+    a = {"c1": {"dice": [0.9, 0.7]}, "c2": {"dice": [0.6, math.nan]}, "c3": {"dice": [0.2, 0.2]},
+         "c4": {"dice": [0.5, 0.5]}, "c5": {"dice": [1.0, 1.0]}, "c6": {"dice": [0.4, 0.4]}}
+    b = {"c1": {"dice": [0.5, 0.5]}, "c2": {"dice": [0.1, 0.9]}, "c3": {"dice": [0.4, 0.6]},
+         "c4": {"dice": [0.5, 0.5]}, "c6": {"dice": [math.nan, math.nan]}}
+    r = paired_difference(a, b)
+    diffs = [0.8 - 0.5, 0.6 - 0.5, 0.2 - 0.5, 0.0]
+    assert r["n_cases"] == 4 and (r["wins"], r["losses"], r["ties"]) == (2, 1, 1)
+    assert r["mean_diff"] == pytest.approx(np.mean(diffs))
+    assert r["mean_a"] == pytest.approx(np.mean([0.8, 0.6, 0.2, 0.5]))
+    assert r["mean_b"] == pytest.approx(np.mean([0.5, 0.5, 0.5, 0.5]))
+    assert r["mean_a"] - r["mean_b"] == pytest.approx(r["mean_diff"])
+    assert 0.0 < r["wilcoxon_p"] <= 1.0
+    # swapping the models flips the sign and the wins, not the p-value
+    s = paired_difference(b, a)
+    assert s["mean_diff"] == pytest.approx(-r["mean_diff"]) and (s["wins"], s["losses"]) == (1, 2)
+    assert s["wilcoxon_p"] == pytest.approx(r["wilcoxon_p"])
+
+
+def test_paired_stats_edge_cases() -> None:
+    assert paired_stats([0.0, 0.0])["wilcoxon_p"] == 1.0
+    empty = paired_stats([math.nan])
+    assert empty["n_cases"] == 0 and math.isnan(empty["mean_diff"]) and empty["wilcoxon_p"] == 1.0
+    # ten consistent wins: the signed-rank test sees them (exact two-sided p = 2 / 2**10)
+    assert paired_stats(np.linspace(0.01, 0.1, 10))["wilcoxon_p"] == pytest.approx(2 / 2 ** 10)

@@ -34,6 +34,15 @@ def test_cfrseg_run_tiny_end_to_end(crops: Path, tmp_path: Path, capsys) -> None
     for key in ("CFR_FT", "final"):
         s = rep["metrics"][key]["holdout"]["summary"]
         assert s["n_cases"] == 1 and 0.0 <= s["metrics"]["dice"]["mean"][0] <= 1.0
+    # the 3D model against its teacher, paired on the held-out case
+    comp = rep["student_vs_teacher"]["holdout"]
+    final_dice = rep["metrics"]["final"]["holdout"]["summary"]["metrics"]["dice"]["mean"][0]
+    sam_dice = rep["metrics"]["CFR_FT"]["holdout"]["summary"]["metrics"]["dice"]["mean"][0]
+    assert comp["n_cases"] == 1 and comp["mean_a"] == pytest.approx(final_dice)
+    assert comp["mean_b"] == pytest.approx(sam_dice) and comp["mean_diff"] == pytest.approx(final_dice - sam_dice)
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "## The 3D model against its teacher" in md
+    assert ("is below the fine-tuned SAM on holdout" in md) == (final_dice < sam_dice)
     for f in ("report.md", "loss_curves.png", "retrain/model.pt", "finetune/finetune.pt"):
         assert (out / f).is_file(), f
     assert list((out / "overlays").glob("*.png"))

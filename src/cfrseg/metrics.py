@@ -217,3 +217,40 @@ def format_table(
     if excl:
         lines.append("excluded (class absent from both prediction and truth): " + ", ".join(excl))
     return "\n".join(lines)
+
+
+def case_mean(metrics: Mapping[str, Any], metric: str = "dice") -> float:
+    """One case's figure: ``metric`` averaged over its foreground classes (a :func:`compute_case` result or a
+    scalar), NaN / None (excluded or undefined pairs) left out; NaN when nothing is left."""
+    v = metrics[metric]
+    vals = [float(x) for x in (v if isinstance(v, (list, tuple)) else [v]) if x is not None]
+    vals = [x for x in vals if not math.isnan(x)]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def paired_stats(diff: Sequence[float]) -> dict[str, Any]:
+    """Summary of per-case differences A - B (NaN left out): their mean, wins / losses / ties of A, and the
+    two-sided Wilcoxon signed-rank p-value (1.0 when every difference is zero or none is left)."""
+    from scipy.stats import wilcoxon
+
+    d = np.asarray(diff, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    p = float(wilcoxon(d, alternative="two-sided").pvalue) if d.size and np.any(d != 0) else 1.0
+    return {"n_cases": int(d.size), "mean_diff": float(d.mean()) if d.size else math.nan,
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "ties": int((d == 0).sum()),
+            "wilcoxon_p": p}
+
+
+def paired_difference(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]],
+                      metric: str = "dice") -> dict[str, Any]:
+    """Paired per-case comparison of two models evaluated on the same cases (``a``, ``b``: case id ->
+    :func:`compute_case` result): :func:`paired_stats` of the per-case :func:`case_mean` differences A - B over
+    the cases both have, plus each model's mean over those cases (``mean_a``, ``mean_b``)."""
+    ids = sorted(set(a) & set(b))
+    va = np.array([case_mean(a[c], metric) for c in ids], dtype=np.float64)
+    vb = np.array([case_mean(b[c], metric) for c in ids], dtype=np.float64)
+    ok = ~(np.isnan(va) | np.isnan(vb))
+    out = paired_stats(va[ok] - vb[ok])
+    out.update(metric=metric, mean_a=float(va[ok].mean()) if ok.any() else math.nan,
+               mean_b=float(vb[ok].mean()) if ok.any() else math.nan)
+    return out

@@ -217,6 +217,7 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
             "CFR_FT": {n: {"summary": r["summary"], "cases": r["cases"]} for n, r in sam_metrics.items()},
             "final": {n: {"summary": r["summary"], "cases": r["cases"]} for n, r in final_metrics.items()},
         },
+        "student_vs_teacher": _student_vs_teacher(final_metrics, sam_metrics),
         "pictures": pictures,
     }
     put_json(store, "report.json", _clean(report))
@@ -224,6 +225,36 @@ def run_pipeline(config: PipelineConfig, data: Manifest, store: Store, *, test_d
     store.put_bytes("report.md", md.encode())
     emit(progress, ProgressEvent("report", 1, 1, message="done"))
     return PipelineResult(report, _summary_text(report), store)
+
+
+def _student_vs_teacher(final: Mapping[str, Any], sam: Mapping[str, Any]) -> dict[str, Any]:
+    """Per evaluation set that both were measured on: the paired per-case Dice comparison of the re-trained 3D
+    model (A) against the fine-tuned SAM alone (B), ``cfrseg.metrics.paired_difference``. A negative mean
+    difference means the student did not reach its teacher on that set (the report says so)."""
+    from cfrseg.metrics import paired_difference
+
+    return {n: paired_difference(final[n]["cases"], sam[n]["cases"]) for n in final if n in sam}
+
+
+def _student_vs_teacher_md(report: Mapping[str, Any], model_name: str) -> list[str]:
+    comp = report.get("student_vs_teacher") or {}
+    if not comp:
+        return []
+    lines = ["", "## The 3D model against its teacher", "",
+             f"Paired per case (Dice averaged over the foreground classes of a case): {model_name} - CFR_FT "
+             "(the fine-tuned SAM alone).", "",
+             "| set | cases | 3D model | SAM alone | mean difference | wins / losses / ties | Wilcoxon p |",
+             "|---|---|---|---|---|---|---|"]
+    for name, c in comp.items():
+        lines.append(f"| {name} | {c['n_cases']} | {c['mean_a']:.4f} | {c['mean_b']:.4f} | {c['mean_diff']:+.4f} | "
+                     f"{c['wins']} / {c['losses']} / {c['ties']} | {c['wilcoxon_p']:.3g} |")
+    behind = [n for n, c in comp.items() if c["mean_diff"] < 0]
+    if behind:
+        lines += ["", f"**The 3D model is below the fine-tuned SAM on {', '.join(behind)}.** The 3D model is what "
+                  "`cfrseg segment` and the services serve. With few cases the difference may be noise (see the "
+                  "p-value); if it holds on a larger held-out set, a larger `retrain.pl_weight` carries more of "
+                  "the SAM labels into the student (docs/results.md, ACDC)."]
+    return lines
 
 
 def _window_md(window: dict[str, Any] | None) -> str:
@@ -316,6 +347,7 @@ def _report_md(report: Mapping[str, Any], config: PipelineConfig, class_names: A
         for set_name, r in report["metrics"][key].items():
             lines.append(f"| {model_name} | {set_name} | {_row(r['summary'])} |")
     lines += _per_class_md(report, config, class_names)
+    lines += _student_vs_teacher_md(report, f"CFR_{config.retrain.ssl.upper()}")
     lines += ["", "## Time and memory", "", "| stage | wall (s) | peak RSS so far (MB) |", "|---|---|---|"]
     for k, v in report["timings_s"].items():
         lines.append(f"| {k} | {v} | {report['peak_rss_mb'].get(k, report['peak_rss_mb']['overall'])} |")
@@ -349,6 +381,10 @@ def _summary_text(report: Mapping[str, Any]) -> str:
             f = _fg(r["summary"])
             parts.append(f"{name} on {set_name}: Dice {f['dice']['mean']:.4f}, HD95 {f['hd95']['mean']:.2f} {unit} "
                          f"(n_nan {f['hd95']['n_nan']})")
+    for set_name, c in (report.get("student_vs_teacher") or {}).items():
+        parts.append(f"final 3D model - SAM alone on {set_name}: Dice {c['mean_diff']:+.4f} over {c['n_cases']} "
+                     f"cases ({c['wins']} / {c['losses']} / {c['ties']} wins / losses / ties)"
+                     + ("; the 3D model is below its teacher" if c["mean_diff"] < 0 else ""))
     q = report["pseudolabel"]["quality"]
     if q:
         parts.append(f"pseudo-labels: Dice {_fg(q['summary'])['dice']['mean']:.4f}")
