@@ -143,6 +143,7 @@ class Client:
     def create_dataset(self, folder: str | Path, *, name: str | None = None, num_classes: int | None = None,
                        labeled: int | Sequence[str] | None = None, holdout: int = 0, test: Sequence[str] = (),
                        request_id: str = "", subject: str | None = None,
+                       class_names: Sequence[str] | None = None, modality: str | None = None,
                        progress: Callable[[str, int, int], None] | None = None) -> gateway_pb2.Dataset:
         """Upload every volume of a dataset folder and create the dataset.
 
@@ -152,10 +153,13 @@ class Client:
         their geometry (LA: the manifest's spacing, 0.625 mm), one case at a time in a temp folder.
         ``test``: case ids to hold out for evaluation (need labels). ``progress(case_id, done, total)`` is called
         after each case. ``subject``: a regular expression that groups cases by patient (``labeled`` as a number
-        and ``holdout`` then count patients; :func:`cfrseg.data.datasets.subject_of`)."""
+        and ``holdout`` then count patients; :func:`cfrseg.data.datasets.subject_of`). ``class_names``
+        (background first, or foreground only) and ``modality`` ("MR" | "CT") default as in ``cfrseg run``: the
+        folder's dataset.json, else ``background, class_1, ...`` and MR; they are stored with the dataset."""
         from cfrseg.data.datasets import build_manifest
 
-        m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes, subject=subject)
+        m = build_manifest(folder, labeled=labeled, holdout=holdout, num_classes=num_classes, subject=subject,
+                           class_names=class_names, modality=modality)
         cases = []
         with tempfile.TemporaryDirectory(prefix="cfrseg-upload-") as tmp:
             for k, c in enumerate(m.cases):
@@ -175,7 +179,8 @@ class Client:
                     progress(c.case_id, k + 1, len(m.cases))
         return self.stub.CreateDataset(gateway_pb2.CreateDatasetRequest(
             name=name or m.name, num_classes=m.num_classes, cases=cases, spacing=list(m.spacing or ()),
-            request_id=request_id), **self._kw(600.0))
+            class_names=list(m.class_names or ()), modality=m.modality, request_id=request_id),
+            **self._kw(600.0))
 
     def get_dataset(self, dataset_id: str) -> gateway_pb2.Dataset:
         return self.stub.GetDataset(gateway_pb2.GetDatasetRequest(dataset_id=dataset_id), **self._kw())

@@ -52,8 +52,8 @@ def test_stack_and_client(stack_dir, capsys, tmp_path):
 
     data = make_dataset(tmp_path / "set", n=3)
     rc, out, _ = run_client(capsys, stack_dir, "upload-dataset", str(data), "--labeled", "1", "--holdout", "1",
-                            "--num-classes", "2")
-    assert rc == 0 and "1 labeled, 1 unlabeled, 1 test" in out
+                            "--num-classes", "2", "--class-names", "tumour", "--modality", "ct")
+    assert rc == 0 and "1 labeled, 1 unlabeled, 1 test (2 classes: tumour; CT)" in out
     ds_id = out.split()[1].rstrip(":")
     rc, out, err = run_client(capsys, stack_dir, "submit", "--dataset", ds_id, "--profile", "tiny", "--ssl", "mt",
                               "--watch")
@@ -120,7 +120,7 @@ def test_upload_dataset_takes_the_la_h5_layout(stack_dir, la_dir, la_ids, tmp_pa
     r = cfrseg("client", "upload-dataset", str(root), "--labeled", "1", "--holdout", "1", "--stack-dir",
                str(stack_dir))
     assert r.returncode == 0, r.stderr
-    assert "1 labeled, 1 unlabeled, 1 test (2 classes)" in r.stdout
+    assert "1 labeled, 1 unlabeled, 1 test (2 classes: left_atrium; MR)" in r.stdout   # LA layout names its class
     ds_id = r.stdout.split()[1].rstrip(":")
 
     st = json.loads((stack_dir / "stack.json").read_text())

@@ -45,7 +45,8 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def done_run(client, data, stack):
     """A dataset (c0 labeled, c1 unlabeled, c2 test) and a finished run on it."""
-    ds = client.create_dataset(data, labeled=1, holdout=1, name="three", num_classes=2)
+    ds = client.create_dataset(data, labeled=1, holdout=1, name="three", num_classes=2,
+                               class_names=["background", "lesion"])
     run = client.submit_run(ds.dataset_id, profile="tiny", ssl_method="mt", request_id="done-run")
     final = client.wait_run(run.run_id, timeout=120)
     assert state_name(final.state) == "SUCCEEDED", f"{final}\n{dump_logs(stack)}"
@@ -99,8 +100,10 @@ def test_run_end_to_end_with_fake_stages(client, done_run, tmp_path):
     keys = [a.key for a in client.list_artifacts(run.run_id)]
     assert f"runs/{run.run_id}/retrain/model.pt" in keys and f"runs/{run.run_id}/report.md" in keys
     assert not any(k.endswith("record.json") or "/jobs/" in k for k in keys)
-    rep = client.download_artifact(run.run_id, "report.md", tmp_path)
-    assert "Evaluation" in rep.read_text()
+    assert list(ds.class_names) == ["background", "lesion"] and ds.modality == "MR"
+    assert list(client.get_dataset(ds.dataset_id).class_names) == ["background", "lesion"]
+    rep = client.download_artifact(run.run_id, "report.md", tmp_path).read_text()
+    assert "Evaluation" in rep and "lesion" in rep and "classes: lesion" in rep
     assert run.run_id in [r.run_id for r in client.list_runs(state="SUCCEEDED", dataset_id=ds.dataset_id)]
 
 
@@ -279,6 +282,14 @@ def test_bad_input(client, done_run, tmp_path, stack):
         client.stub.CreateDataset(_dataset_req([ok_case, ok_case]), **client._kw())
     with check(C.INVALID_ARGUMENT, "num_classes"):
         client.stub.CreateDataset(_dataset_req([ok_case], num_classes=1), **client._kw())
+    with check(C.INVALID_ARGUMENT, "class_names must be 2 distinct non-empty names"):
+        client.stub.CreateDataset(_dataset_req([ok_case], class_names=["lesion"]), **client._kw())
+    with check(C.INVALID_ARGUMENT, "class_names must be 2 distinct"):
+        client.stub.CreateDataset(_dataset_req([ok_case], class_names=["bg", "bg"]), **client._kw())
+    with check(C.INVALID_ARGUMENT, "class names must be 1-64 printable characters"):
+        client.stub.CreateDataset(_dataset_req([ok_case], class_names=["bg", "x" * 65]), **client._kw())
+    with check(C.INVALID_ARGUMENT, "modality must be one of"):
+        client.stub.CreateDataset(_dataset_req([ok_case], modality="PET"), **client._kw())
 
     # runs
     with check(C.NOT_FOUND, "no dataset 'ds-missing'"):

@@ -49,8 +49,9 @@ def stack(tmp_path_factory):
 def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
     data = crop_la_cases(la_dir, la_ids[:3], tmp_path / "la3")
     with Client(stack.addr("gateway"), stack.token) as c:
-        ds = c.create_dataset(data, labeled=1, holdout=1, name="la3", num_classes=2)
+        ds = c.create_dataset(data, labeled=1, holdout=1, name="la3", num_classes=2, class_names=["atrium"])
         assert (ds.num_labeled, ds.num_unlabeled, ds.num_test) == (1, 1, 1)
+        assert list(ds.class_names) == ["background", "atrium"] and ds.modality == "MR"
         test_id = next(x.case_id for x in ds.cases if x.role == 3)
         run = c.submit_run(ds.dataset_id, profile="tiny", ssl_method="mt", name="e2e")
         events = list(c.watch_run(run.run_id, timeout=600))
@@ -65,8 +66,10 @@ def test_tiny_pipeline_through_the_stack(stack, la_dir, la_ids, tmp_path):
 
         _net, meta = load_model(model.parent, device="cpu")
         assert meta["num_classes"] == 2
-        report = c.download_artifact(run.run_id, "report.md", tmp_path)
-        assert "dice" in report.read_text(encoding="utf-8")
+        assert meta["class_names"] == ["background", "atrium"]   # the dataset's names reach the model
+        assert [m.classes[0].name for m in c.list_models() if m.model_id == final.model_id] == ["atrium"]
+        report = c.download_artifact(run.run_id, "report.md", tmp_path).read_text(encoding="utf-8")
+        assert "dice" in report and "atrium" in report
 
         out = tmp_path / "seg.nii.gz"
         res = c.segment_file(final.model_id, data / "images" / f"{test_id}.nii.gz", out)

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -104,6 +105,10 @@ class Datasets:
                              f"{req.num_classes}")
         if not req.cases:
             raise InputError("a dataset needs at least one case")
+        bad = [n for n in req.class_names if not 1 <= len(n.strip()) <= 64 or any(ord(ch) < 32 for ch in n)]
+        if bad:
+            raise InputError(f"class names must be 1-64 printable characters (they become DICOM SEG segment "
+                             f"labels), got {bad[:3]}")
         if req.spacing and (len(req.spacing) != 3 or any(not s > 0 for s in req.spacing)):
             raise InputError(f"spacing must be three positive numbers (x, y, z mm), got {list(req.spacing)}")
         seen: set[str] = set()
@@ -145,7 +150,8 @@ class Datasets:
         keyed = Manifest(req.name.strip(), int(req.num_classes), tuple(
             Case(c.case_id, ups[c.image_upload_id].ref.key,
                  ups[c.label_upload_id].ref.key if c.label_upload_id else None, role)  # type: ignore[arg-type]
-            for c, role in cases), spacing)
+            for c, role in cases), spacing, modality=req.modality.upper() or "MR",
+            class_names=tuple(req.class_names) or None)
         with self.uploads.temp_dir() as d:
             names: dict[str, str] = {}
             local_cases = []
@@ -153,7 +159,7 @@ class Datasets:
                 img = self._fetch(ups[c.image_upload_id], Path(d), names)
                 lab = self._fetch(ups[c.label_upload_id], Path(d), names) if c.label_upload_id else None
                 local_cases.append(Case(case.case_id, img, lab, case.role))
-            local = Manifest(keyed.name, keyed.num_classes, tuple(local_cases), spacing)
+            local = replace(keyed, cases=tuple(local_cases))
             counts = np.zeros(keyed.num_classes, dtype=np.int64)
             for case in local.cases:
                 try:
@@ -186,7 +192,8 @@ class Datasets:
         roles = [r for _, r in cases]
         inv = {v: k for k, v in ROLE_NAMES.items()}
         ds = gateway_pb2.Dataset(
-            dataset_id=dataset_id, name=keyed.name, num_classes=keyed.num_classes,
+            dataset_id=dataset_id, name=keyed.name, num_classes=keyed.num_classes, class_names=list(keyed.names),
+            modality=keyed.modality,
             num_labeled=roles.count("labeled"), num_unlabeled=roles.count("unlabeled"),
             num_test=roles.count("test"),
             manifest=common_pb2.ObjectRef(key=mkey, sha256=hashlib.sha256(data).hexdigest(), size=len(data)),

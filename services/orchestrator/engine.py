@@ -230,6 +230,7 @@ def _manifest_case(rec: Record, env: Env, case_id: str) -> dict[str, Any]:
         rec["eval"]["_manifest"] = cache
         rec["eval"]["num_classes"] = int(m["num_classes"])
         rec["eval"]["spacing"] = m.get("spacing")
+        rec["eval"]["class_names"] = m.get("class_names")
     return cache[case_id]
 
 
@@ -268,7 +269,8 @@ def _finish_evaluation(rec: Record, env: Env) -> float | None:
         env.store.put_bytes(f"{run_dir}/evaluate/metrics.json",
                             json.dumps(body, indent=2, sort_keys=True, default=float).encode())
         try:
-            table = format_table(summary)
+            cls_names = rec["eval"].get("class_names")   # background first; None: default names
+            table = format_table(summary, class_names=cls_names[1:] if cls_names else None)
         except Exception:  # noqa: BLE001  (a report without the table is still a report)
             table = json.dumps(rec["metrics"], indent=2)
         st["message"] = f"{len(cases)} test case(s)"
@@ -287,6 +289,8 @@ def _report(rec: Record, table: str) -> str:
     lines = [f"# cfrseg run {rec['run_id']}", "",
              f"- name: {rec.get('name') or '-'}", f"- dataset: {rec['dataset_id']}",
              f"- profile: {rec['profile']}, SSL method: {rec['ssl_method']}",
+             *([f"- classes: {', '.join(rec['eval']['class_names'][1:])}"]
+               if rec.get("eval", {}).get("class_names") else []),
              (f"- labeled cases: {len(rec['labeled_case_ids'])}, unlabeled: {len(rec['unlabeled_case_ids'])}, "
               f"test: {len(rec.get('test_case_ids', []))}"),
              f"- model: runs/{rec['run_id']}/retrain/model.pt", "", "## Stages", ""]

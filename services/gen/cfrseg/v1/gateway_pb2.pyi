@@ -80,21 +80,25 @@ class DatasetCase(_message.Message):
     def __init__(self, case_id: _Optional[str] = ..., image_upload_id: _Optional[str] = ..., label_upload_id: _Optional[str] = ..., role: _Optional[_Union[CaseRole, str]] = ...) -> None: ...
 
 class CreateDatasetRequest(_message.Message):
-    __slots__ = ("name", "num_classes", "cases", "spacing", "request_id")
+    __slots__ = ("name", "num_classes", "cases", "spacing", "request_id", "class_names", "modality")
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     CASES_FIELD_NUMBER: _ClassVar[int]
     SPACING_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     name: str
     num_classes: int
     cases: _containers.RepeatedCompositeFieldContainer[DatasetCase]
     spacing: _containers.RepeatedScalarFieldContainer[float]
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., cases: _Optional[_Iterable[_Union[DatasetCase, _Mapping]]] = ..., spacing: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    modality: str
+    def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., cases: _Optional[_Iterable[_Union[DatasetCase, _Mapping]]] = ..., spacing: _Optional[_Iterable[float]] = ..., request_id: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., modality: _Optional[str] = ...) -> None: ...
 
 class Dataset(_message.Message):
-    __slots__ = ("dataset_id", "name", "num_classes", "num_labeled", "num_unlabeled", "num_test", "manifest", "cases", "created")
+    __slots__ = ("dataset_id", "name", "num_classes", "num_labeled", "num_unlabeled", "num_test", "manifest", "cases", "created", "class_names", "modality")
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +108,8 @@ class Dataset(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     CASES_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    MODALITY_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     name: str
     num_classes: int
@@ -113,7 +119,9 @@ class Dataset(_message.Message):
     manifest: _common_pb2.ObjectRef
     cases: _containers.RepeatedCompositeFieldContainer[DatasetCase]
     created: _timestamp_pb2.Timestamp
-    def __init__(self, dataset_id: _Optional[str] = ..., name: _Optional[str] = ..., num_classes: _Optional[int] = ..., num_labeled: _Optional[int] = ..., num_unlabeled: _Optional[int] = ..., num_test: _Optional[int] = ..., manifest: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., cases: _Optional[_Iterable[_Union[DatasetCase, _Mapping]]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    modality: str
+    def __init__(self, dataset_id: _Optional[str] = ..., name: _Optional[str] = ..., num_classes: _Optional[int] = ..., num_labeled: _Optional[int] = ..., num_unlabeled: _Optional[int] = ..., num_test: _Optional[int] = ..., manifest: _Optional[_Union[_common_pb2.ObjectRef, _Mapping]] = ..., cases: _Optional[_Iterable[_Union[DatasetCase, _Mapping]]] = ..., created: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., modality: _Optional[str] = ...) -> None: ...
 
 class GetDatasetRequest(_message.Message):
     __slots__ = ("dataset_id",)
