@@ -26,6 +26,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # no gRPC core INFO lines (TLS
 
 import grpc
 
+from cfrseg.cli import add_class_arguments, class_names_arg
 from services.sdk import FINAL, Client, state_name
 
 FETCH = ("retrain/model.pt", "retrain/config.json", "report.md", "evaluate/metrics.json")
@@ -114,7 +115,7 @@ def cmd_upload_dataset(c: Client, a: argparse.Namespace) -> int:
         ds = c.create_dataset(a.folder, name=a.name, num_classes=a.num_classes, labeled=labeled,
                               holdout=a.holdout, test=[x for x in a.test.split(",") if x], progress=progress,
                               subject=a.subject_pattern, modality=a.modality,
-                              class_names=[n.strip() for n in a.class_names.split(",")] if a.class_names else None)
+                              class_names=class_names_arg(a.class_names))
     finally:
         bar.close()
     print(f"dataset {ds.dataset_id}: {ds.num_labeled} labeled, {ds.num_unlabeled} unlabeled, {ds.num_test} test "
@@ -335,11 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None)
     p.add_argument("--num-classes", type=int, default=None,
                    help="classes, background included (required for images/ + labels/ folders)")
-    p.add_argument("--class-names", default=None,
-                   help="comma-separated class names (background first, or foreground only); default: "
-                        "dataset.json 'labels', else background, class_1, ...")
-    p.add_argument("--modality", type=str.upper, choices=("MR", "CT"), default=None,
-                   help="intensity normalisation (as `cfrseg run --modality`); default: dataset.json, else MR")
+    add_class_arguments(p)
     p.add_argument("--labeled", default=None, help="number of labeled cases, or comma-separated case ids")
     p.add_argument("--holdout", type=int, default=0, help="hold out the last N cases as test cases")
     p.add_argument("--test", default="", help="comma-separated case ids to use as test cases")

@@ -31,12 +31,22 @@ def _add_data_args(p: argparse.ArgumentParser, labeled_required: bool = True) ->
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of classes, background included (required for images/ + labels/ folders; "
                         "LA: 2; nnU-Net: from dataset.json 'labels')")
+    add_class_arguments(p)
+
+
+def add_class_arguments(p: argparse.ArgumentParser) -> None:
+    """--class-names and --modality, as `cfrseg run` and `cfrseg client upload-dataset` take them."""
     p.add_argument("--class-names", default=None,
                    help="comma-separated class names (background first, or foreground only); default: "
                         "dataset.json 'labels', else background, class_1, ...")
     p.add_argument("--modality", type=str.upper, choices=("MR", "CT"), default=None,
                    help="intensity normalisation: CT (clip to foreground HU percentiles + dataset z-score) or MR "
                         "(per-volume z-score); default: dataset.json channel name, else MR")
+
+
+def class_names_arg(value: str | None) -> list[str] | None:
+    """The list behind --class-names a,b,... (None when not given)."""
+    return [n.strip() for n in value.split(",")] if value else None
 
 
 def _profile_arg(p: argparse.ArgumentParser) -> None:
@@ -48,7 +58,7 @@ def _profile_arg(p: argparse.ArgumentParser) -> None:
 def _manifest(args: argparse.Namespace):
     from cfrseg.data.datasets import build_manifest
 
-    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    names = class_names_arg(args.class_names)
     return build_manifest(args.data, labeled=args.labeled, holdout=args.holdout, limit=args.limit,
                           subject=getattr(args, "subject_pattern", None),
                           num_classes=args.num_classes, class_names=names, modality=args.modality)
