@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                     if rc != 0:
                         print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
                         return 1
-    from quality_summary import to_markdown
+    from quality_summary import summary_png, to_markdown
 
     try:
         recs = load_records(records_dir) if records_dir.is_dir() else []
@@ -317,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for s in args.split:
         print(to_markdown(recs, s))
+        png = summary_png(recs, s, results / f"quality_la_{s}.png")
+        if png is not None:
+            print(f"chart: {png}")
     return 0
 
 

@@ -10,7 +10,8 @@ per case it averages each model's Dice over those seeds, then reports the mean p
 wins / losses / ties over cases, the two-sided Wilcoxon signed-rank p-value over cases (scipy), and the
 per-seed differences of the means. Records are grouped by setting (profile, overrides, code version: the core's
 source tree, run_records.code_tag, so commits that changed only benchmarks, tests or docs share a table): one
-table per setting, never averaged across settings.
+table per setting, never averaged across settings. ``--png`` also draws the largest setting's figures: Dice per L
+and model (bars = mean over seeds, dots = the seeds) and the paired per-case differences A - B, sorted.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def paired(records: list[Mapping[str, Any]], a: str = "CFR_MT", b: str = "MT",
         db = np.array([[case_value(mods[b][s][c], metric) for c in cases] for s in seeds])
         diff = np.nanmean(da, axis=0) - np.nanmean(db, axis=0)           # per case, over seeds
         stats = paired_stats(diff)
-        out.append({"L": L, "a": a, "b": b, "metric": metric, "seeds": seeds, **stats,
+        out.append({"L": L, "a": a, "b": b, "metric": metric, "seeds": seeds, **stats, "diff": diff.tolist(),
                     "per_seed_diff": [float(np.nanmean(da[i]) - np.nanmean(db[i])) for i in range(len(seeds))]})
     out.sort(key=lambda r: _L_sort(r["L"]))
     return out
@@ -170,6 +171,65 @@ def to_markdown(records: list[Mapping[str, Any]], split: str, pairs: Iterable[tu
     return "\n".join(lines)
 
 
+def summary_png(records: list[Mapping[str, Any]], split: str, path: Path, pair: tuple[str, str] = ("CFR_MT", "MT")
+                ) -> Path | None:
+    """Chart of the setting with the most records on ``split``: left, Dice per L and model (bar = mean over seeds,
+    error bar = std over seeds, dots = the seeds' figures); right, for each L, the paired per-case differences
+    ``pair[0] - pair[1]`` (per case averaged over the common seeds, as :func:`paired`), sorted. None when the
+    split has no records."""
+    recs = [r for r in records if r["spec"]["split"] == split]
+    if not recs:
+        return None
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in recs:
+        groups[setting_of(r)].append(r)
+    rs = max(groups.values(), key=len)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = aggregate(rs)
+    Ls = sorted({row["L"] for row in rows}, key=_L_sort)
+    order = {m: i for i, m in enumerate(MODEL_ORDER)}
+    models = sorted({row["model"] for row in rows}, key=lambda m: (order.get(m, 99), m))
+    cmp = paired(rs, *pair)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(len(models), 1)
+    for i, model in enumerate(models):
+        labelled = False
+        for j, L in enumerate(Ls):
+            per_seed = [run_mean(r["models"][model], "dice") for r in rs if label_L(r) == L and model in r["models"]]
+            if not per_seed:
+                continue
+            x = j + i * width
+            m, s, _ = mean_std(per_seed)
+            ax.bar(x, m, width, yerr=0.0 if math.isnan(s) else s, color=f"C{i}", label=None if labelled else model)
+            ax.plot([x] * len(per_seed), per_seed, "k.", ms=4)
+            labelled = True
+    ax.set_xticks(np.arange(len(Ls)) + width * (len(models) - 1) / 2, [f"L={L}" for L in Ls])
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel(f"Dice ({split} split, mean over cases)")
+    ax.legend(fontsize=7, loc="upper left", ncol=max(len(models), 1))
+    for k, c in enumerate(cmp):
+        d = np.sort(np.asarray(c["diff"], dtype=float))
+        bx.plot(np.arange(d.size), d, "o-", ms=3, color=f"C{k}",
+                label=f"L={c['L']}: {c['mean_diff']:+.3f}, {c['wins']}/{c['losses']}, p={c['wilcoxon_p']:.2g}")
+    bx.axhline(0.0, color="k", lw=0.8)
+    bx.set_xlabel("case (sorted by difference)")
+    bx.set_ylabel(f"Dice {pair[0]} - {pair[1]}")
+    if cmp:
+        bx.legend(fontsize=7, loc="upper left")
+    s0 = rs[0]["spec"]
+    fig.suptitle(f"LA, profile {s0['profile']}, overrides {' '.join(s0['overrides']) or 'none'}, "
+                 f"code {code_tag(s0.get('code', {}))}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=str(Path(__file__).resolve().parent / "results" / "quality_la"))
@@ -177,11 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
                     help="models to compare per case (default CFR_MT MT); repeatable")
     ap.add_argument("--out", help="also write the Markdown to this file")
+    ap.add_argument("--png", help="also draw the chart (summary_png, first pair) to this PNG file")
     args = ap.parse_args(argv)
-    md = to_markdown(load_records(Path(args.results)), args.split, [tuple(p) for p in args.pair or [("CFR_MT", "MT")]])
+    pairs = [tuple(p) for p in args.pair or [("CFR_MT", "MT")]]
+    records = load_records(Path(args.results))
+    md = to_markdown(records, args.split, pairs)
     print(md)
     if args.out:
         Path(args.out).write_text(md)
+    if args.png and summary_png(records, args.split, Path(args.png), pairs[0]) is not None:
+        print(f"chart: {args.png}")
     return 0
 
 

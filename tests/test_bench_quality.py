@@ -221,6 +221,18 @@ def test_markdown_groups_by_setting_and_split():
     assert md.count("Split `val`") == 2 and "GPU H200" in md and "| 4 | MT | 1 | 0.3000 |" in md
 
 
+def test_summary_png_draws_the_largest_setting_of_the_split(tmp_path):
+    rng = np.random.default_rng(2)
+    recs = [_rec(m, s, rng.uniform(0.5, 0.9, 16), L=L) for m in ("MT", "CFR_MT") for s in (0, 1) for L in (1, 4)]
+    (c4,) = [c for c in qs.paired(recs) if c["L"] == "4"]
+    assert len(c4["diff"]) == 16 and np.mean(c4["diff"]) == pytest.approx(c4["mean_diff"])
+    assert qs.summary_png(recs, "test", tmp_path / "none.png") is None            # no test records
+    out = qs.summary_png(recs, "val", tmp_path / "la.png")
+    assert out == tmp_path / "la.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert qs.main(["--results", str(tmp_path / "empty"), "--split", "val", "--png", str(tmp_path / "x.png")]) == 0
+    assert not (tmp_path / "x.png").exists()
+
+
 # -------------------------------------------------------------------------------------------------- driver
 @pytest.mark.la
 def test_driver_runs_once_then_reuses_and_refuses_stale(la_dir, tmp_path, monkeypatch, capsys):
