@@ -120,14 +120,25 @@ def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], d
     return evaluate_manifest(spec, protocol.manifest(data, spec["L"], [spec["split"]]), store)
 
 
+def trained(spec: dict[str, Any], store) -> bool:
+    """Whether ``store`` holds the finished training of ``spec`` (the CFR pipeline's report, or the re-train
+    stage's model)."""
+    if spec["method"].startswith("cfr_"):
+        return store.exists("report.json") and store.sub("retrain").exists("model.pt")
+    return store.sub("retrain").exists("model.pt")
+
+
 def evaluate_manifest(spec: dict[str, Any], man, store) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Train (or reuse) ``spec``'s method on manifest ``man`` and evaluate it on ``man.test`` (the split)."""
+    """Train (or reuse) ``spec``'s method on manifest ``man`` and evaluate it on ``man.test`` (the split). A run
+    already trained (for another split) is only evaluated: :func:`evaluate_trained`."""
     from cfrseg.stages.pipeline import PipelineConfig, run_pipeline
     from cfrseg.stages.retrain import RetrainConfig, evaluate_model, run_retrain
 
     assert [c.case_id for c in man.test] == spec["split_ids"], "manifest and spec disagree on the split"
     method, prof = spec["method"], spec["resolved"]
     prog = _Progress(f"{method} L={spec['L']} seed={spec['seed']} {spec['split']}")
+    if trained(spec, store):
+        return evaluate_trained(spec, man, store, prog)
     if method.startswith("cfr_"):
         cfg = PipelineConfig.from_profile(prof, ssl=method[4:], resume=True, profile=spec["profile"])
         rep = run_pipeline(cfg, man, store, progress=prog).report
@@ -145,6 +156,30 @@ def evaluate_manifest(spec: dict[str, Any], man, store) -> tuple[dict[str, Any],
     res = run_retrain(RetrainConfig.from_dict(sec), man, rt, progress=prog)
     ev = evaluate_model(rt, man, progress=prog)
     return {model_names(method)[0]: ev["cases"]}, {"train_wall_s": res.wall_s, "final_losses": res.final_losses}
+
+
+def evaluate_trained(spec: dict[str, Any], man, store, progress=None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate the models of a finished run in ``store`` on ``man.test``, running no stage: the stages'
+    provenance covers the manifest they were trained with, whose evaluation cases were another split, so they
+    would (rightly) refuse to resume on this one. The 3D model as the pipeline evaluates it; for ``cfr_*`` also
+    SAM alone (CFR_FT) with the class weights its pseudo-labels got (calibration.json)."""
+    from cfrseg.stages.pipeline import PipelineConfig
+    from cfrseg.stages.pseudolabel import CALIBRATION, evaluate_sam
+    from cfrseg.stages.retrain import evaluate_model
+    from cfrseg.store import get_json
+
+    method, prof = spec["method"], spec["resolved"]
+    cfg = PipelineConfig.from_profile(prof, ssl="none" if method == "supervised" else method.removeprefix("cfr_"),
+                                      profile=spec["profile"])
+    names = model_names(method)
+    final = evaluate_model(store.sub("retrain"), man, device=cfg.retrain.device, progress=progress)
+    if not method.startswith("cfr_"):
+        return {names[0]: final["cases"]}, {"evaluated_only": True}
+    pl_store = store.sub("pseudolabel")
+    calib = get_json(pl_store, CALIBRATION) if pl_store.exists(CALIBRATION) else {}
+    sam = evaluate_sam(cfg.pseudolabel, man, store.sub("finetune"), case_ids=spec["split_ids"],
+                       class_weights=calib.get("weights"), progress=progress)
+    return {names[0]: sam["cases"], names[1]: final["cases"]}, {"evaluated_only": True}
 
 
 def run_one(job_file: str, evaluate=None) -> None:

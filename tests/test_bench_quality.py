@@ -1,5 +1,6 @@
-"""The quality benchmark's logic without training: protocol splits, run keys and refusal of stale records,
-summary maths (mean ± std over seeds, paired per-case comparison), and the driver with a stand-in runner."""
+"""The quality benchmark's logic: protocol splits, run keys and refusal of stale records, summary maths (mean ±
+std over seeds, paired per-case comparison), the driver with a stand-in runner, and one run of real tiny stages
+evaluated on two splits."""
 
 from __future__ import annotations
 
@@ -278,6 +279,54 @@ def test_driver_runs_once_then_reuses_and_refuses_stale(la_dir, tmp_path, monkey
     assert quality_la.main(argv) == 2 and len(calls) == 18
     assert "refusing to reuse" in capsys.readouterr().err
     assert quality_la.main(["--results", str(tmp_path), "--summary-only"]) == 2
+
+
+def _synthetic_la(root: Path, n: int = 80, shape=(40, 40, 20)) -> list[str]:
+    """An LA-layout folder (train.list + <id>/mri_norm2.h5) of ``n`` small volumes, each a bright ellipsoid
+    (the label) in noise."""
+    import h5py
+
+    rng = np.random.default_rng(5)
+    ids = [f"S{i:02d}X" for i in range(n)]
+    g = np.stack(np.meshgrid(*[np.arange(k, dtype=np.float32) for k in shape], indexing="ij"))
+    for i, cid in enumerate(ids):
+        c = np.array(shape, np.float32) / 2 + rng.uniform(-3, 3, 3)
+        r = np.array([9, 8, 5], np.float32) + rng.uniform(-1, 1, 3)
+        lbl = (((g - c[:, None, None, None]) / r[:, None, None, None]) ** 2).sum(0) <= 1
+        img = rng.normal(0, 0.3, shape).astype(np.float32) + lbl
+        (root / cid).mkdir(parents=True)
+        with h5py.File(root / cid / "mri_norm2.h5", "w") as f:
+            f["image"], f["label"] = img, lbl.astype(np.uint8)
+    (root / "train.list").write_text("\n".join(ids) + "\n")
+    return ids
+
+
+@pytest.mark.parametrize("method", ["supervised", "cfr_mt"])
+def test_a_trained_run_is_evaluated_on_the_other_split_without_training_again(tmp_path, method):
+    """Real stages (tiny profile, synthetic LA layout): a job for val and test trains once with val as its
+    evaluation set, then scores the same models on test (before, the stages' provenance check refused the
+    second manifest, and only the first split got a record)."""
+    import argparse
+
+    import quality_la as qla
+
+    ids = _synthetic_la(tmp_path / "la")
+    args = argparse.Namespace(profile="tiny", set=[], threads=1)
+    code = rr.code_version()
+    specs = [qla.make_spec(args, "4", method, 0, split, code, ids, "0" * 64) for split in ("val", "test")]
+    job = tmp_path / "job.json"
+    job.write_text(json.dumps({"specs": specs, "data": str(tmp_path / "la"), "work": str(tmp_path / "runs"),
+                               "results": str(tmp_path / "records"), "teacher": None}))
+    qla.run_one(str(job))
+    recs = {r["spec"]["split"]: r for r in rr.load_records(tmp_path / "records")}
+    assert sorted(recs) == ["test", "val"]
+    names = qla.model_names(method)
+    for split, r in recs.items():
+        assert sorted(r["models"]) == sorted(names[:2] if method.startswith("cfr_") else names[:1])
+        assert all(sorted(cases) == sorted(r["spec"]["split_ids"]) for cases in r["models"].values())
+        assert r["timing"]["trained_with_split"] == "val"
+    assert recs["test"]["extra"] == {"evaluated_only": True} and "evaluated_only" not in recs["val"]["extra"]
+    assert set(recs["test"]["spec"]["split_ids"]) == set(ids[48:64])
 
 
 # ------------------------------------------------------------------------------------------ teacher reuse
