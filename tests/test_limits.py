@@ -265,6 +265,8 @@ def test_allow_list_names_real_config_fields():
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(RULES[sec]) <= fields, (sec, set(RULES[sec]) - fields)
         assert not {"checkpoint", "device", "resume"} & set(RULES[sec])
+        for value in RULES[sec]["precision"].choices:   # every allowed precision is one the stage accepts
+            assert cls(precision=value).precision == value
     check_overrides({"retrain": {"zoom": None, "lr_steps": [0.5]}, "pseudolabel": {"roles": ["test"]}})
     with pytest.raises(Exception, match="retrain.iterations=True is out of bounds"):
         check_overrides({"retrain": {"iterations": True}})

@@ -170,6 +170,39 @@ def test_bf16_training_learns_resumes_exactly_and_differs_from_fp32(la2_pl, tmp_
         run_retrain(cfg.replace(resume=True, precision="fp32"), la2_pl, crashed)
 
 
+def test_auto_precision_is_bf16_only_where_native_and_the_patch_allows(monkeypatch):
+    from cfrseg.stages import precision
+
+    cfg = _cfg(precision="auto", patch=(64, 64, 48))
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    assert cfg.resolved_precision("cpu").precision == "bf16"
+    assert cfg.replace(patch=(32, 32, 16)).resolved_precision("cpu").precision == "fp32"   # oneDNN guard
+    assert cfg.replace(precision="fp32").resolved_precision("cpu").precision == "fp32"      # explicit wins
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    assert cfg.resolved_precision("cpu").precision == "fp32"
+
+
+@pytest.mark.la
+def test_auto_precision_is_resolved_once_and_recorded(la2_pl, tmp_path, monkeypatch):
+    """'auto' becomes what ran (in the checkpoint and model config); a run made in bf16 does not resume where
+    'auto' would now mean fp32."""
+    from cfrseg.stages import precision
+
+    cfg = _cfg(ssl="mt", iterations=4, precision="auto", patch=(48, 48, 16),
+               infer={"patch": (48, 48, 16), "stride": (24, 24, 8), "batch_size": 8})
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    store = LocalStore(tmp_path / "a")
+    with pytest.raises(Cancelled):
+        run_retrain(cfg, la2_pl, store, cancel=_CancelAfter(2))
+    assert load_checkpoint(store)["config"]["precision"] == "bf16"
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: False)
+    with pytest.raises(ConfigError, match="precision"):
+        run_retrain(cfg.replace(resume=True), la2_pl, store)
+    monkeypatch.setattr(precision, "cpu_bf16_native", lambda: True)
+    run_retrain(cfg.replace(resume=True), la2_pl, store)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["precision"] == "bf16"
+
+
 @pytest.mark.la
 def test_resume_refuses_other_settings_and_finished_is_idempotent(la2, tmp_path):
     store = LocalStore(tmp_path)

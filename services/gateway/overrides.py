@@ -67,7 +67,7 @@ FRACTION = F(0.0, 1.0)
 CKPT_S = F(10.0, 86400.0)
 INFER = {
     "patch": Rule("ints", 8, 512, 3), "stride": Rule("ints", 1, 512, 3), "batch_size": I(1, 64),
-    "gaussian": B, "largest_component": B, "precision": C("fp32", "bf16"),
+    "gaussian": B, "largest_component": B, "precision": C("fp32", "bf16", "auto"),
 }
 
 #: section -> key -> rule. Keys not listed are refused.
@@ -82,12 +82,14 @@ RULES: dict[str, dict[str, Rule]] = {
         "clip_percentiles": Rule("floats", 0.0, 100.0, 2), "head_init": C("pretrained", "negated"),
         "dice_background": B, "embedding_cache": I(0, 512), "augment_rot90": B, "augment_flip": B,
         "bezier_p": FRACTION, "foreground_prob": FRACTION, "seed": SEED, "checkpoint_interval_s": CKPT_S,
+        "precision": C("fp32", "bf16"),
     },
     "pseudolabel": {
         "roles": Rule("choices", n=(1, 3), choices=("labeled", "unlabeled", "test")), "tta": B,
         "tta_count": I(0, 8), "overlap": F(0.0, 0.9), "batch_size": I(1, 64), "merge_lora": B,
         "write_confidence": B, "calibration": C("none", "prior"), "calibration_cases": I(1, 256),
         "calibration_voxels": I(1_000, 10_000_000), "calibration_min_labeled": I(1, 10_000),
+        "precision": C("fp32", "bf16", "auto"),
     },
     "retrain": {
         "network": C("vnet", "tiny"), "iterations": I(1, 100_000), "batch_labeled": I(1, 32),
@@ -105,6 +107,7 @@ RULES: dict[str, dict[str, Rule]] = {
         "pl_rampup": FRACTION, "augment": B, "flip_p": FRACTION, "foreground_prob": FRACTION, "seed": SEED,
         "checkpoint_interval_s": CKPT_S,
         "evaluate": C("teacher", "student"), "num_workers": I(0, 8), "infer": Rule("section"),
+        "precision": C("fp32", "bf16", "auto"),
     },
     "infer": INFER,
     "pipeline": {"overlays": I(0, 32), "evaluate_sam": B},

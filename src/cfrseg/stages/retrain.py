@@ -114,8 +114,9 @@ class RetrainConfig(ConfigBase):
     infer: dict[str, Any] = field(default_factory=dict)  # InferConfig fields for evaluation / segmentation
     infer_stride_fraction: tuple[float, float, float] | None = None  # stride = patch x this (None: patch / 4)
     num_workers: int = 0                         # threads cutting crops (0 = in the training thread)
-    precision: str = "fp32"                      # fp32 | bf16: autocast of the student and teacher forward
-                                                 # passes (fp32 weights; cfrseg.stages.precision)
+    precision: str = "fp32"                      # fp32 | bf16 | auto: autocast of the student and teacher
+                                                 # forward passes (fp32 weights; cfrseg.stages.precision);
+                                                 # auto = bf16 where native, resolved when the stage starts
 
     def __post_init__(self) -> None:
         z = self.zoom
@@ -191,9 +192,9 @@ class RetrainConfig(ConfigBase):
         require(isinstance(self.device, str) and bool(self.device), f"{p}.device must be 'auto', 'cpu', 'cuda'...")
         require(isinstance(self.infer, dict), f"{p}.infer must be a dict of InferConfig fields")
         _int(self.num_workers, f"{p}.num_workers", 0)
-        from cfrseg.stages.precision import PRECISIONS
+        from cfrseg.stages.precision import PRECISIONS_AUTO
 
-        require(self.precision in PRECISIONS, f"{p}.precision must be one of {list(PRECISIONS)}, "
+        require(self.precision in PRECISIONS_AUTO, f"{p}.precision must be one of {list(PRECISIONS_AUTO)}, "
                 f"got {self.precision!r}")
         # oneDNN's bf16 weight gradient of a 3x3x3 convolution is garbage when the input is 2 voxels wide in x
         # and y (seen with torch 2.14 / oneDNN 3.12 on AVX-512 CPUs): the V-Net's deepest level is patch / 16
@@ -239,6 +240,16 @@ class RetrainConfig(ConfigBase):
         if self.patch_mm is None:
             return self
         return self.replace(patch=plan.patch_voxels(self.patch_mm, self.spacing_factor))
+
+    def resolved_precision(self, device: Any) -> "RetrainConfig":
+        """This config with ``precision`` "auto" made "bf16" where bfloat16 is native on ``device`` and the patch
+        is at least 48 voxels in x and y (the limit explicit bf16 enforces), else "fp32"."""
+        if self.precision != "auto":
+            return self
+        from cfrseg.stages.precision import resolve_precision
+
+        bf16 = resolve_precision("auto", device) == "bf16" and all(v >= 48 for v in self.patch[:2])
+        return self.replace(precision="bf16" if bf16 else "fp32")
 
     def preprocess(self, plan: Any = None) -> dict[str, Any]:
         if plan is None:
@@ -577,7 +588,7 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
     from cfrseg.provenance import guard, stage_provenance
 
     plan = plan or plan_for(data, store, progress=progress, cancel=cancel, stage=STAGE)
-    cfg = config.resolved(plan)
+    cfg = config.resolved(plan).resolved_precision(_resolve_device(config.device))   # "auto" -> what runs
     prov = stage_provenance(STAGE, data, _training_fields(cfg.to_dict()), plan=plan.digest())
     resuming = guard(store, STAGE, prov, cfg.resume, (CHECKPOINT, MODEL))
     put_json(store, PLAN_KEY, plan.to_dict())
