@@ -169,8 +169,7 @@ def evaluate_trained(spec: dict[str, Any], man, store, progress=None) -> tuple[d
     from cfrseg.store import get_json
 
     method, prof = spec["method"], spec["resolved"]
-    cfg = PipelineConfig.from_profile(prof, ssl="none" if method == "supervised" else method.removeprefix("cfr_"),
-                                      profile=spec["profile"])
+    cfg = PipelineConfig.from_profile(prof, profile=spec["profile"])   # for the devices and SAM's settings
     names = model_names(method)
     final = evaluate_model(store.sub("retrain"), man, device=cfg.retrain.device, progress=progress)
     if not method.startswith("cfr_"):

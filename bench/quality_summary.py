@@ -132,17 +132,22 @@ def _f(v: float, fmt: str) -> str:
     return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
 
 
+def by_setting(records: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    """Records grouped by :func:`setting_of` (what a table may average over)."""
+    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[setting_of(r)].append(r)
+    return groups
+
+
 def to_markdown(records: list[Mapping[str, Any]], split: str, pairs: Iterable[tuple[str, str]] = (("CFR_MT", "MT"),)
                 ) -> str:
     """The Markdown tables (one section per setting) of ``records`` on ``split``."""
     recs = [r for r in records if r["spec"]["split"] == split]
     if not recs:
         return f"(no records on split {split!r})\n"
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in recs:
-        groups[setting_of(r)].append(r)
     lines: list[str] = []
-    for setting, rs in sorted(groups.items()):
+    for setting, rs in sorted(by_setting(recs).items()):
         s = rs[0]["spec"]
         lines += [(f"Split `{split}` ({len(s['split_ids'])} cases); profile `{s['profile']}`, overrides "
                   f"`{' '.join(s['overrides']) or 'none'}`; code {commits_of(rs)} "
@@ -180,10 +185,7 @@ def summary_png(records: list[Mapping[str, Any]], split: str, path: Path, pair: 
     recs = [r for r in records if r["spec"]["split"] == split]
     if not recs:
         return None
-    groups: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
-    for r in recs:
-        groups[setting_of(r)].append(r)
-    rs = max(groups.values(), key=len)
+    rs = max(by_setting(recs).values(), key=len)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -588,7 +588,8 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
     from cfrseg.provenance import guard, stage_provenance
 
     plan = plan or plan_for(data, store, progress=progress, cancel=cancel, stage=STAGE)
-    cfg = config.resolved(plan).resolved_precision(_resolve_device(config.device))   # "auto" -> what runs
+    device = _resolve_device(config.device)
+    cfg = config.resolved(plan).resolved_precision(device)   # precision "auto" -> what runs here
     prov = stage_provenance(STAGE, data, _training_fields(cfg.to_dict()), plan=plan.digest())
     resuming = guard(store, STAGE, prov, cfg.resume, (CHECKPOINT, MODEL))
     put_json(store, PLAN_KEY, plan.to_dict())
@@ -610,7 +611,6 @@ def run_retrain(config: RetrainConfig, data: Manifest, store: Store, *, plan: Pl
             raise ConfigError(f"retrain: cannot resume {CHECKPOINT}: it was trained with other values of "
                               f"{diff}; use the same settings or start again without resume")
 
-    device = _resolve_device(cfg.device)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
