@@ -230,6 +230,37 @@ def test_pseudo_label_term(la2_pl, tmp_path):
     assert hist[0]["loss"] == pytest.approx(hist[0]["sup"] + hist[0]["w_pl"] * hist[0]["pl"], rel=1e-5)
 
 
+def test_pseudo_labels_steer_unlabeled_crops_only_when_asked():
+    """pl_foreground_prob places unlabeled crops on pseudo-label foreground; labeled crops keep following
+    foreground_prob and the ground truth; without pseudo-labels the option changes no batch."""
+    from cfrseg.stages.retrain import BatchMaker, TrainData
+
+    img = np.random.default_rng(0).normal(size=(96, 96, 16)).astype(np.float32)
+    small = np.zeros(img.shape, np.uint8)
+    small[80:84, 4:8, 6:9] = 1                              # a small structure in a corner
+    td = TrainData([(img, small)], [(img, small.copy()), (img, None)], ["l0"], ["u0", "u1"])
+
+    def batches(n: int = 60, data: TrainData = td, **kw) -> list[dict[str, torch.Tensor]]:
+        bm = BatchMaker(_cfg(ssl="mt", patch=(16, 16, 16), batch_labeled=1, batch_unlabeled=2, **kw), data, True,
+                        torch.device("cpu"))
+        return [bm.next() for _ in range(n)]
+
+    def share(bs, key: str) -> float:
+        return float(np.mean([bool(b[key][i].any()) for b in bs for i in range(len(b[key]))
+                              if key == "label_l" or bool(b["pl_mask"][i])]))
+
+    base, steered = batches(), batches(pl_foreground_prob=1.0)
+    assert share(base, "pl_u") < 0.2 and share(steered, "pl_u") == 1.0     # only the pseudo-labelled case
+    assert share(steered, "label_l") < 0.2                                 # labeled crops still uniform
+    assert share(batches(foreground_prob=1.0), "pl_u") < 0.2               # ground truth steers labeled only
+    # without pseudo-labels (MT) the option draws nothing: the batches are those of a run without it
+    no_pl = TrainData(td.labeled, [(img, None), (img, None)], ["l0"], ["u0", "u1"])
+    plain, asked = batches(data=no_pl), batches(data=no_pl, pl_foreground_prob=1.0)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(plain, asked) for k in a)
+    with pytest.raises(ConfigError, match="pl_foreground_prob"):
+        _cfg(pl_foreground_prob=2.0)
+
+
 @pytest.mark.la
 def test_no_pseudo_label_term_without_pseudo_labels(la2, tmp_path):
     run_retrain(_cfg(ssl="mt", iterations=2), la2, LocalStore(tmp_path))

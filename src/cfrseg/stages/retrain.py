@@ -105,6 +105,8 @@ class RetrainConfig(ConfigBase):
     augment: bool = True
     flip_p: float = 0.5
     foreground_prob: float = 0.0                 # labeled crops placed on a random foreground voxel this often
+    pl_foreground_prob: float = 0.0              # unlabeled crops placed on a pseudo-label foreground voxel this
+                                                 # often (CFR runs; cases without a pseudo-label stay uniform)
     # run control
     seed: int = 1337
     checkpoint_interval_s: float = 600.0
@@ -185,6 +187,7 @@ class RetrainConfig(ConfigBase):
         _frac(self.pl_rampup, f"{p}.pl_rampup")
         _frac(self.flip_p, f"{p}.flip_p")
         _frac(self.foreground_prob, f"{p}.foreground_prob")
+        _frac(self.pl_foreground_prob, f"{p}.pl_foreground_prob")
         _int(self.seed, f"{p}.seed", 0)
         _pos(self.checkpoint_interval_s, f"{p}.checkpoint_interval_s")
         require(self.evaluate in ("teacher", "student"),
@@ -369,24 +372,26 @@ class BatchMaker:
                                         cfg.batch_labeled, cfg.batch_unlabeled if self.use_unlabeled else 0,
                                         cfg.seed)
         self.pool = ThreadPoolExecutor(cfg.num_workers) if cfg.num_workers > 0 else None
-        self._fg: dict[int, np.ndarray] = {}     # labeled case -> its foreground voxels (foreground_prob > 0)
+        self._fg: dict[tuple[bool, int], np.ndarray] = {}   # (labeled, case) -> foreground voxels of its
+                                                            # label or pseudo-label (computed on first use)
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
 
-    def _foreground(self, i: int, lbl: np.ndarray) -> np.ndarray:
-        if i not in self._fg:
-            self._fg[i] = foreground_voxels(lbl, seed=i)
-        return self._fg[i]
+    def _foreground(self, labeled: bool, i: int, lbl: np.ndarray) -> np.ndarray:
+        if (labeled, i) not in self._fg:
+            self._fg[labeled, i] = foreground_voxels(lbl, seed=i)
+        return self._fg[labeled, i]
 
     def _plan(self, items: list[tuple[np.ndarray, np.ndarray | None]], idx: list[int],
               labeled: bool = False) -> list[tuple]:
         plans = []
-        p_fg = self.cfg.foreground_prob if labeled else 0.0   # ground truth only, never pseudo-labels
+        # labeled crops are steered by the ground truth, unlabeled ones by their pseudo-labels (their own option)
+        p_fg = self.cfg.foreground_prob if labeled else self.cfg.pl_foreground_prob
         for i in idx:
             img, lbl = items[i]
-            fg = self._foreground(i, lbl) if p_fg > 0 and lbl is not None else None
+            fg = self._foreground(labeled, i, lbl) if p_fg > 0 and lbl is not None else None
             aug, start = self.sampler.draw_crop(img.shape, self.cfg.patch, self.cfg.augment, self.cfg.flip_p,
                                                 fg, p_fg)
             plans.append((img, lbl, aug, start))
