@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
-from run_records import (StaleRecord, code_version, load_cached, load_records, teacher_key, train_key,
-                         write_record)
+from run_records import (StaleRecord, code_version, finetune_key, load_cached, load_records, teacher_key,
+                         train_key, write_record)
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_la"
 TIMING = "bench_timing.json"
@@ -196,7 +196,7 @@ def run_one(job_file: str, evaluate=None) -> None:
     store_dir = Path(job["work"]) / store_name(specs[0])
     teacher = job.get("teacher")
     if teacher and not (store_dir / "finetune").exists():
-        for stage in TEACHER_STAGES:        # copies, not links: nothing here may change the source run
+        for stage in teacher.get("stages", TEACHER_STAGES):   # copies, not links: the source run stays as it is
             shutil.copytree(Path(job["work"]) / teacher["from"] / stage, store_dir / stage)
     store = LocalStore(store_dir)
     tfile = store_dir / TIMING
@@ -230,31 +230,40 @@ def store_name(spec: dict[str, Any]) -> str:
 
 
 def find_teacher(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """For a ``cfr_*`` spec: a finished CFR run under ``results`` whose teacher (fine-tuned SAM, pseudo-labels)
-    this spec can reuse (equal :func:`run_records.teacher_key`), as {"from": its run folder, "stage_s": its
-    fine-tune + pseudo-label seconds, "peak_rss_mb": its peak RSS up to the end of pseudo-labelling}; None when
-    there is none. A run that itself reused a teacher passes on the origin's figures. Runs whose stages were
-    made by other cfrseg sources (their ``provenance.json``) are passed over: the stage would refuse them."""
+    """For a ``cfr_*`` spec: a finished CFR run under ``results`` whose teacher this spec can reuse, as
+    {"from": its run folder, "origin": the run that trained it, "stages": the stage folders to copy,
+    "stage_s": their seconds, "peak_rss_mb": the peak RSS up to their end}; None when there is none.
+
+    A run with an equal :func:`run_records.teacher_key` gives the fine-tuned SAM and its pseudo-labels; failing
+    that, one with an equal :func:`run_records.finetune_key` gives the fine-tuned SAM alone (this run then
+    pseudo-labels with its own ``pseudolabel`` settings). A run that itself reused a teacher passes on the
+    origin's figures. Runs whose stages were made by other cfrseg sources (their ``provenance.json``) are
+    passed over: the stage would refuse them."""
     if not spec["method"].startswith("cfr_") or not (results / "records").is_dir():
         return None
     from cfrseg.provenance import code_version as core_code
 
-    want, core = teacher_key(spec), core_code()
-    for rec in load_records(results / "records"):
-        s = rec["spec"]
-        if not s["method"].startswith("cfr_") or teacher_key(s) != want:
-            continue
-        run = results / "runs" / store_name(s)
-        if not all((run / st).is_dir() for st in TEACHER_STAGES) or not (run / "report.json").is_file():
-            continue
-        if any(_stage_code(run / st) != core for st in TEACHER_STAGES):
-            continue
-        if rec["timing"].get("teacher"):
-            return dict(rec["timing"]["teacher"], **{"from": run.name})
-        rep = json.loads((run / "report.json").read_text())
-        return {"from": run.name, "origin": run.name,
-                "stage_s": round(sum(rep["timings_s"][st] for st in TEACHER_STAGES), 1),
-                "peak_rss_mb": rep["peak_rss_mb"]["pseudolabel"]}
+    core, recs = core_code(), load_records(results / "records")
+    for key, stages in ((teacher_key, TEACHER_STAGES), (finetune_key, TEACHER_STAGES[:1])):
+        want = key(spec)
+        for rec in recs:
+            s = rec["spec"]
+            if not s["method"].startswith("cfr_") or key(s) != want:
+                continue
+            run = results / "runs" / store_name(s)
+            if not all((run / st).is_dir() for st in stages) or not (run / "report.json").is_file():
+                continue
+            if any(_stage_code(run / st) != core for st in stages):
+                continue
+            prior = rec["timing"].get("teacher")
+            if prior and tuple(prior.get("stages", TEACHER_STAGES)) != stages:
+                continue   # its own stages were partly made in its own run: the origin's seconds do not apply
+            if prior:
+                return dict(prior, **{"from": run.name, "stages": list(stages)})
+            rep = json.loads((run / "report.json").read_text())
+            return {"from": run.name, "origin": run.name, "stages": list(stages),
+                    "stage_s": round(sum(rep["timings_s"][st] for st in stages), 1),
+                    "peak_rss_mb": rep["peak_rss_mb"][stages[-1]]}
     return None
 
 
@@ -273,7 +282,7 @@ def run_job(script: str, results: Path, specs: list[dict[str, Any]], data: str, 
     job.parent.mkdir(parents=True, exist_ok=True)
     teacher = find_teacher(results, specs[0]) if reuse_teacher else None
     if teacher:
-        print(f"   reusing the teacher (fine-tune, pseudo-labels) of {teacher['from']}", flush=True)
+        print(f"   reusing the teacher stages {teacher['stages']} of {teacher['from']}", flush=True)
     job.write_text(json.dumps({"specs": specs, "data": str(data), "work": str(results / "runs"),
                                "results": str(results / "records"), "teacher": teacher}))
     return subprocess.run([sys.executable, script, "--one", str(job)], check=False).returncode
@@ -292,8 +301,9 @@ def add_run_arguments(ap: argparse.ArgumentParser, default_results: Path) -> Non
     ap.add_argument("--plan", action="store_true", help="print the runs and whether they are cached; run nothing")
     ap.add_argument("--reuse-teacher", action="store_true",
                     help="cfr_* runs copy the fine-tune and pseudo-label stages of a finished CFR run that differs "
-                    "only in the re-train settings (the core's provenance check confirms them) and train only "
-                    "the re-train stage; the record's wall time adds the teacher's measured stage seconds")
+                    "only in the re-train settings (failing that, the fine-tune stage of one that differs only in "
+                    "the pseudo-label and re-train settings; the core's provenance check confirms them) and run "
+                    "only the remaining stages; the record's wall time adds the copied stages' measured seconds")
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 

@@ -55,6 +55,14 @@ def teacher_key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical(s).encode()).hexdigest()
 
 
+def finetune_key(spec: Mapping[str, Any]) -> str:
+    """As :func:`teacher_key` without the ``pseudolabel`` section too: runs sharing it can share the fine-tuned
+    SAM and differ in how it pseudo-labels (TTA, calibration...) and in the re-train side."""
+    s = {k: v for k, v in spec.items() if k not in ("method", "overrides", "code")}
+    s["resolved"] = {k: v for k, v in spec["resolved"].items() if k not in ("retrain", "pseudolabel")}
+    return hashlib.sha256(canonical(s).encode()).hexdigest()
+
+
 def code_version(repo: Path = REPO) -> dict[str, Any]:
     """{"commit", "dirty", "diff_sha256"}: HEAD, whether tracked or untracked (not ignored) files differ from
     it, and a digest of those differences (so two different dirty trees never share a key)."""

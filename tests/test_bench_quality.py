@@ -356,16 +356,20 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
         (run / st / "out.bin").write_bytes(st.encode())
         (run / st / "provenance.json").write_text(json.dumps({"code": core_code()}))
     (run / "report.json").write_text(json.dumps({"timings_s": {"finetune": 100.0, "pseudolabel": 50.0},
-                                                 "peak_rss_mb": {"pseudolabel": 3000.0}}))
+                                                 "peak_rss_mb": {"finetune": 2000.0, "pseudolabel": 3000.0}}))
     rr.write_record(tmp_path / "records", src, _models(("CFR_FT", "CFR_MT")), TIMING)
     new = dict(src, method="cfr_magicnet", overrides=["retrain.pl_weight=1.0"],
                resolved={"retrain": {"seed": 0, "pl_weight": 1.0}, "finetune": {"seed": 0}})
     assert qla.find_teacher(tmp_path, dict(new, method="magicnet")) is None         # not a CFR run
     assert qla.find_teacher(tmp_path, dict(new, resolved={"retrain": {}, "finetune": {"seed": 5}})) is None
     # stages made by other cfrseg sources are passed over (the stage's provenance check would refuse them)
-    (run / "pseudolabel" / "provenance.json").write_text(json.dumps({"code": {"version": "0", "sha256": "x"}}))
+    foreign = json.dumps({"code": {"version": "0", "sha256": "x"}})
+    (run / "pseudolabel" / "provenance.json").write_text(foreign)
+    assert qla.find_teacher(tmp_path, new)["stages"] == ["finetune"]    # the fine-tune alone is still good
+    (run / "finetune" / "provenance.json").write_text(foreign)
     assert qla.find_teacher(tmp_path, new) is None
-    (run / "pseudolabel" / "provenance.json").write_text(json.dumps({"code": core_code()}))
+    for st in qla.TEACHER_STAGES:
+        (run / st / "provenance.json").write_text(json.dumps({"code": core_code()}))
     seen = {}
 
     def evaluate(spec, data, store):     # the child's training, faked: sees the copied teacher stages
@@ -395,3 +399,15 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
                                                                         "finetune": {"seed": 0}})
     t3 = qla.find_teacher(tmp_path, third)
     assert t3["stage_s"] == 150.0 and t3["origin"] == run.name
+
+    # other pseudo-label settings (TTA): only the fine-tuned SAM is reused, with the fine-tune's own figures
+    tta = dict(new, resolved=dict(new["resolved"], pseudolabel={"tta": True}))
+    t4 = qla.find_teacher(tmp_path, tta)
+    assert t4["stages"] == ["finetune"] and t4["stage_s"] == 100.0 and t4["peak_rss_mb"] == 2000.0
+    assert qla.run_job(qla.__file__, tmp_path, [tta], "data", "cfr_magicnet_L4_seed0", reuse_teacher=True) == 0
+    assert seen["dir"] == ["finetune"]                       # the child pseudo-labels itself
+    assert rr.load_cached(tmp_path / "records", tta)["timing"]["teacher"]["stages"] == ["finetune"]
+    # a run whose pseudo-labels were made in its own run never lends them with the origin's seconds
+    t5 = qla.find_teacher(tmp_path, dict(tta, overrides=["retrain.pl_weight=0.5"]))
+    assert t5["stages"] == ["finetune"] and t5["stage_s"] == 100.0
+    assert qla.find_teacher(tmp_path, dict(tta, resolved=dict(tta["resolved"], finetune={"seed": 1}))) is None
