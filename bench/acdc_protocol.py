@@ -8,11 +8,12 @@ The shared ACDC folder (nnU-Net layout, 4 classes) has ``splits.json`` with the 
 - ``pool`` = the first 60 patients of ``train``: with L labeled patients, the first L patients (both frames) are
   labeled and the remaining pool patients unlabeled (built without a label path: no stage can read their
   ground truth). L = 3 and L = 14 are about 5 % and 20 % of the 70 training patients (SSL4MIS's settings).
-- ``splits.json``'s ``val`` list is **never read**: it is kept untouched as a future test split (the repo's own
-  test list is not in the shared folder).
+- ``test`` = ``splits.json``'s ``val`` list (10 other patients, 20 frames), read only when the test split is
+  asked for (``--split test``): no tuning decision reads it; it scores the settings decided on ``val`` (the
+  source repository's own test list is not in the shared folder).
 
 Both frames (ED, ES) of a patient are always on the same side. ``max_pool`` / ``max_val`` keep only the first
-patients of the pool / validation split (smoke runs); they are part of every run's spec.
+patients of the pool / evaluated split (smoke runs); they are part of every run's spec.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 from pathlib import Path
 
 N_VAL = 10
+SPLITS = ("val", "test")
 PATIENT = re.compile(r"^(acdc_patient\d+)_frame\d+$")
 
 
@@ -36,6 +38,20 @@ def read_train(root: str | Path) -> tuple[list[str], str]:
     if not isinstance(ids, list) or not ids or len(set(ids)) != len(ids):
         raise ValueError(f"{path}: 'train' must be a non-empty list of unique frame ids")
     return [str(i) for i in ids], hashlib.sha256(raw).hexdigest()
+
+
+def read_test(root: str | Path) -> list[str]:
+    """The frame ids of ``splits.json``'s ``val`` list, the protocol's test split (read only for ``--split
+    test``); ValueError when it is missing, empty or shares a patient with the ``train`` list."""
+    path = Path(root) / "splits.json"
+    ids = json.loads(path.read_bytes()).get("val") if path.is_file() else None
+    if not isinstance(ids, list) or not ids or len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: the test split needs a non-empty 'val' list of unique frame ids")
+    ids = [str(i) for i in ids]
+    shared = set(patients(ids)) & set(patients(read_train(root)[0]))
+    if shared:
+        raise ValueError(f"{path}: 'val' and 'train' share patients {sorted(shared)}")
+    return ids
 
 
 def patients(ids: list[str]) -> dict[str, list[str]]:
@@ -63,33 +79,43 @@ def split_patients(ids: list[str], max_pool: int | None = None, max_val: int | N
     return {"pool": pool[:max_pool] if max_pool else pool, "val": val[:max_val] if max_val else val}
 
 
-def roles(ids: list[str], labeled: int, max_pool: int | None = None, max_val: int | None = None
-          ) -> dict[str, list[str]]:
+def roles(ids: list[str], labeled: int, max_pool: int | None = None, max_val: int | None = None,
+          test_ids: list[str] | None = None) -> dict[str, list[str]]:
     """Frame ids by role: ``labeled`` (the first L pool patients), ``unlabeled`` (the other pool patients) and
-    ``test`` (the validation patients, evaluated). ValueError unless 1 <= L <= pool size."""
+    ``test`` (the evaluated frames: the validation patients, or the patients of ``test_ids`` when given, the
+    first ``max_val`` of either). ValueError unless 1 <= L <= pool size."""
     sp = split_patients(ids, max_pool, max_val)
     if not 1 <= labeled <= len(sp["pool"]):
         raise ValueError(f"labeled patients must be in 1..{len(sp['pool'])}, got {labeled}")
     frames = patients(ids)
+    if test_ids is None:
+        evaluated = [f for p in sp["val"] for f in frames[p]]
+    else:
+        tp = patients(test_ids)
+        evaluated = [f for p in list(tp)[:max_val] for f in tp[p]]
     out = {"labeled": [f for p in sp["pool"][:labeled] for f in frames[p]],
            "unlabeled": [f for p in sp["pool"][labeled:] for f in frames[p]],
-           "test": [f for p in sp["val"] for f in frames[p]]}
+           "test": evaluated}
     seen = [f for v in out.values() for f in v]
     if len(seen) != len(set(seen)):
         raise ValueError("a frame is in two roles")
     return out
 
 
-def manifest(root: str | Path, labeled: int, max_pool: int | None = None, max_val: int | None = None):
-    """The training + validation :class:`cfrseg.data.manifest.Manifest` (4 classes, names from dataset.json)."""
+def manifest(root: str | Path, labeled: int, max_pool: int | None = None, max_val: int | None = None,
+             split: str = "val"):
+    """The training + evaluated-split :class:`cfrseg.data.manifest.Manifest` (4 classes, names from
+    dataset.json); ``split`` "val" or "test" (:func:`read_test`)."""
     from cfrseg.data.datasets import manifest_from_nnunet
     from cfrseg.data.manifest import Case, Manifest
 
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     root = Path(root)
     ids, _ = read_train(root)
     base = manifest_from_nnunet(root)                       # reads dataset.json, pairs the files
     full = {c.case_id: c for c in base.cases}
-    r = roles(ids, labeled, max_pool, max_val)
+    r = roles(ids, labeled, max_pool, max_val, read_test(root) if split == "test" else None)
     cases = []
     for role, members in r.items():
         for cid in members:

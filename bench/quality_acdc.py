@@ -1,9 +1,10 @@
-"""Quality of CFR on ACDC (4 classes: RV, Myo, LV) on the validation split: one JSON record per run.
+"""Quality of CFR on ACDC (4 classes: RV, Myo, LV) on the validation or test split: one JSON record per run.
 
 Splits by patient (bench/acdc_protocol.py): validation = the last 10 patients of splits.json's ``train`` list,
 pool = its first 60 patients, the first L labeled (both frames) and the rest unlabeled (labels never read).
-splits.json's ``val`` list is never read: it is kept as a future test split, so this benchmark has only the
-``val`` split and every figure it prints is a validation figure.
+Every tuning decision is taken on ``val``. ``--split test`` scores on splits.json's ``val`` list (10 other
+patients), which no decision reads: a run trained once is evaluated on each split asked for (as
+bench/quality_la.py), and the tables and charts are per split.
 
 Methods as bench/quality_la.py: ``supervised``, an SSL method of the re-train stage (``mt``, ``magicnet``...),
 and ``cfr_<ssl>`` (the whole CFR pipeline; it also scores SAM alone, the CFR_FT row). Each (L, method, seed) runs
@@ -16,7 +17,7 @@ per-frame comparisons CFR_MT - MT and CFR_MagicNet - MagicNet (bench/quality_sum
 wins / losses / ties over frames, Wilcoxon p); the chart ``<results>/quality_acdc.png`` shows the Dice bars.
 
   nice -n 10 .venv/bin/python bench/quality_acdc.py --labeled 3 14 \\
-      --methods supervised mt cfr_mt magicnet cfr_magicnet --seeds 0 1 2 --threads 2
+      --methods supervised mt cfr_mt magicnet cfr_magicnet --seeds 0 1 2 --threads 2 [--split val test]
   .venv/bin/python bench/quality_acdc.py --summary-only
   # smoke run (proves the plumbing, numbers mean nothing): 3 pool patients, 1 validation patient
   .venv/bin/python bench/quality_acdc.py --profile tiny --labeled 1 --max-pool 3 --max-val 1 \\
@@ -49,11 +50,14 @@ PL_ONLY = ("retrain.pl_",)        # settings that act only through pseudo-labels
 
 
 def make_spec(args: argparse.Namespace, L: int, method: str, seed: int, code: dict[str, Any],
-              ids: list[str], sha: str) -> dict[str, Any]:
-    r = ap_.roles(ids, L, args.max_pool, args.max_val)
+              ids: list[str], sha: str, split: str = "val", test_ids: list[str] | None = None) -> dict[str, Any]:
+    """The spec of one run evaluated on ``split`` (``test_ids``: splits.json's val list, for "test")."""
+    if split == "test" and test_ids is None:
+        raise ValueError("the test split needs test_ids (acdc_protocol.read_test)")
+    r = ap_.roles(ids, L, args.max_pool, args.max_val, test_ids if split == "test" else None)
     return {"bench": "quality_acdc", "profile": args.profile,
             "resolved": qla.resolved_profile(args.profile, args.set, seed), "overrides": list(args.set),
-            "seed": seed, "L": L, "ceiling": not r["unlabeled"], "method": method, "split": "val",
+            "seed": seed, "L": L, "ceiling": not r["unlabeled"], "method": method, "split": split,
             "split_ids": r["test"], "labeled_ids": r["labeled"], "unlabeled_ids": r["unlabeled"],
             "subset": {"max_pool": args.max_pool, "max_val": args.max_val}, "data_list_sha256": sha,
             "code": code, "platform": qla.platform_info(), "threads": args.threads}
@@ -61,7 +65,7 @@ def make_spec(args: argparse.Namespace, L: int, method: str, seed: int, code: di
 
 def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], dict[str, Any]]:
     sub = spec["subset"]
-    man = ap_.manifest(data, spec["L"], sub["max_pool"], sub["max_val"])
+    man = ap_.manifest(data, spec["L"], sub["max_pool"], sub["max_val"], split=spec.get("split", "val"))
     if [c.case_id for c in man.labeled] != spec["labeled_ids"]:
         raise RuntimeError("manifest and spec disagree on the labeled frames")
     return qla.evaluate_manifest(spec, man, store)
@@ -91,7 +95,7 @@ def _pm(vals: list[float], f: str = ".3f") -> str:
 def _setting(r: dict[str, Any], overrides: list[str] | None = None) -> str:
     s = r["spec"]
     return canonical({"profile": s["profile"], "overrides": s["overrides"] if overrides is None else overrides,
-                      "code": code_tag(s["code"]), "subset": s.get("subset")})
+                      "code": code_tag(s["code"]), "subset": s.get("subset"), "split": s.get("split", "val")})
 
 
 def _no_pl(overrides: list[str]) -> list[str]:
@@ -134,8 +138,8 @@ def to_markdown(records: list[dict[str, Any]], names: list[str]) -> str:
             ms = sorted({f"{r['spec']['method']} L={r['spec']['L']}" for r in borrowed})
             note = (f" Rows without pseudo-labels ({', '.join(ms)}) are the runs with overrides "
                     f"`{' '.join(_no_pl(s['overrides'])) or 'none'}`: `retrain.pl_*` acts only on CFR runs.")
-        lines += [(f"Split `val` ({len(s['split_ids'])} frames); profile `{s['profile']}`, overrides "
-                  f"`{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code {commits_of(rs)} "
+        lines += [(f"Split `{s.get('split', 'val')}` ({len(s['split_ids'])} frames); profile `{s['profile']}`, "
+                  f"overrides `{' '.join(s['overrides']) or 'none'}`, subset {s.get('subset')}; code {commits_of(rs)} "
                   f"({code_tag(s['code'])}). HD95 in voxels.{note}"), "",
                   "| L | model | seeds | " + " | ".join(f"Dice {n}" for n in names) + " | Dice mean | "
                   + " | ".join(f"HD95 {n}" for n in names) + " | HD95 mean | wall (min) | peak RSS (GB) |",
@@ -245,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--labeled", nargs="+", type=int, default=[3, 14], help="L: labeled patients")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--max-pool", type=int, help="smoke runs: only the first N pool patients")
-    ap.add_argument("--max-val", type=int, help="smoke runs: only the first N validation patients")
+    ap.add_argument("--max-val", type=int, help="smoke runs: only the first N patients of the evaluated split")
+    ap.add_argument("--split", nargs="+", default=["val"], choices=list(ap_.SPLITS),
+                    help="evaluate on these splits (test: splits.json's val list; decisions use val only)")
     qla.add_run_arguments(ap, DEFAULT_RESULTS)
     args = ap.parse_args(argv)
     if args.one:
@@ -256,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.summary_only:
         try:
             ids, sha = ap_.read_train(args.data)
+            test_ids = ap_.read_test(args.data) if "test" in args.split else None
             for L in args.labeled:
-                ap_.roles(ids, L, args.max_pool, args.max_val)
+                ap_.roles(ids, L, args.max_pool, args.max_val, test_ids)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -267,23 +274,24 @@ def main(argv: list[str] | None = None) -> int:
         for L in args.labeled:
             for m in args.methods:
                 for seed in args.seeds:
-                    spec = make_spec(args, L, m, seed, code, ids, sha)
+                    specs = [make_spec(args, L, m, seed, code, ids, sha, s, test_ids) for s in args.split]
                     tag = f"L={L} {m} seed={seed}"
-                    if spec["ceiling"] and m != "supervised":
+                    if specs[0]["ceiling"] and m != "supervised":
                         print(f"== {tag}: skipped (no unlabeled patient left)")
                         continue
                     try:
-                        cached = load_cached(records_dir, spec)
+                        todo = [s for s in specs if load_cached(records_dir, s) is None]
                     except StaleRecord as e:
                         print(f"error: {e}", file=sys.stderr)
                         return 2
-                    if cached is not None:
+                    if not todo:
                         print(f"== {tag}: cached")
                         continue
-                    print(f"== {tag}: {'would run' if args.plan else 'running'}", flush=True)
+                    print(f"== {tag}: {'would run' if args.plan else 'running'} {[s['split'] for s in todo]}",
+                          flush=True)
                     if args.plan:
                         continue
-                    rc = qla.run_job(__file__, results, [spec], args.data, f"{m}_L{L}_seed{seed}",
+                    rc = qla.run_job(__file__, results, todo, args.data, f"{m}_L{L}_seed{seed}",
                                      reuse_teacher=args.reuse_teacher)
                     if rc != 0:
                         print(f"== {tag}: failed (exit {rc})", file=sys.stderr)
@@ -296,9 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     names = class_names(args.data, recs)
     print(to_markdown(recs, names))
-    png = dice_png(recs, names, results / "quality_acdc.png", prefer=(args.profile, list(args.set)))
-    if png is not None:
-        print(f"chart: {png}")
+    for split in args.split:
+        png = dice_png([r for r in recs if r["spec"].get("split", "val") == split], names,
+                       results / ("quality_acdc.png" if split == "val" else f"quality_acdc_{split}.png"),
+                       prefer=(args.profile, list(args.set)))
+        if png is not None:
+            print(f"chart: {png}")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The ACDC quality benchmark's logic without training: the by-patient split (validation = the last 10 patients
-of splits.json's train list, whose val list is never read), roles, run specs and the per-class table."""
+of splits.json's train list; its val list is the test split, read only when asked for), roles, run specs and
+the per-class table."""
 
 from __future__ import annotations
 
@@ -38,13 +39,46 @@ def test_split_is_by_patient_and_the_last_ten_are_validation():
         ap_.patients(["case_1"])
 
 
-def test_splits_json_val_list_is_never_read(tmp_path):
+TEST_IDS = [f"acdc_patient{i:03d}_frame{f}" for i in (28, 85, 9) for f in ("01", "02")]
+
+
+def test_splits_json_val_list_is_read_only_for_the_test_split(tmp_path):
     (tmp_path / "splits.json").write_text(json.dumps({"train": IDS, "val": "not a list: must not be read"}))
     ids, sha = ap_.read_train(tmp_path)
     assert ids == IDS and len(sha) == 64
+    with pytest.raises(ValueError, match="'val' list"):
+        ap_.read_test(tmp_path)
+    (tmp_path / "splits.json").write_text(json.dumps({"train": IDS, "val": TEST_IDS}))
+    assert ap_.read_test(tmp_path) == TEST_IDS
+    r = ap_.roles(IDS, 3, test_ids=TEST_IDS)
+    assert r["test"] == TEST_IDS and r["labeled"] == IDS[:6] and r["unlabeled"] == IDS[6:14]   # training unchanged
+    assert ap_.roles(IDS, 3, max_val=2, test_ids=TEST_IDS)["test"] == TEST_IDS[:4]               # by patient
+    (tmp_path / "splits.json").write_text(json.dumps({"train": IDS, "val": TEST_IDS + IDS[-2:]}))
+    with pytest.raises(ValueError, match="share patients"):
+        ap_.read_test(tmp_path)
     (tmp_path / "splits.json").write_text(json.dumps({"val": IDS}))
     with pytest.raises(ValueError, match="'train'"):
         ap_.read_train(tmp_path)
+
+
+def test_one_training_has_a_spec_per_split_that_share_its_train_key():
+    code = {"commit": "abc", "dirty": False, "diff_sha256": None}
+    val = qa.make_spec(_args(), 3, "cfr_mt", 0, code, IDS, "0" * 64)
+    test = qa.make_spec(_args(), 3, "cfr_mt", 0, code, IDS, "0" * 64, "test", TEST_IDS)
+    assert val["split"] == "val" and test["split"] == "test" and test["split_ids"] == TEST_IDS
+    assert rr.train_key(val) == rr.train_key(test) and rr.key_of(val) != rr.key_of(test)
+    with pytest.raises(ValueError, match="test_ids"):
+        qa.make_spec(_args(), 3, "cfr_mt", 0, code, IDS, "0" * 64, "test")
+    # tables never mix the splits
+
+    def rec(spec, d):
+        return {"spec": spec, "timing": {}, "models": {"CFR_MT": {c: {"dice": [d] * 3, "jaccard": [d] * 3,
+                                                                      "asd": [1.0] * 3, "hd95": [2.0] * 3}
+                                                                  for c in spec["split_ids"]}}}
+    md = qa.to_markdown([rec(val, 0.5), rec(test, 0.7)], ["RV", "Myo", "LV"])
+    assert "Split `val` (20 frames)" in md and f"Split `test` ({len(TEST_IDS)} frames)" in md
+    rows = [line for line in md.splitlines() if line.startswith("| 3 | CFR_MT | 1 |")]
+    assert len(rows) == 2 and {"| 0.500 | 0.500 | 0.500 | 0.500 |" in r for r in rows} == {True, False}
 
 
 def _args(**kw):
@@ -91,6 +125,9 @@ def test_manifest_on_real_acdc_hides_unlabeled_labels():
     assert [c.case_id for c in man.labeled] == ids[:6] and len(man.unlabeled) == 114 and len(man.test) == 20
     assert all(c.label is None for c in man.unlabeled) and all(c.label for c in man.labeled + man.test)
     assert not {c.case_id for c in man.cases} & val_list
+    test = ap_.manifest(root, 3, split="test")
+    assert {c.case_id for c in test.test} == val_list and len(test.test) == 20 and all(c.label for c in test.test)
+    assert [c.case_id for c in test.labeled] == ids[:6] and len(test.unlabeled) == 114
 
 
 def test_paired_table_and_chart(tmp_path):
