@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             for m in args.methods:
                 for seed in args.seeds:
                     specs = [make_spec(args, L, m, seed, code, ids, sha, s, test_ids) for s in args.split]
+                    if args.score_trained:
+                        specs = [qla.adopt_trained(results, s) for s in specs]
                     tag = f"L={L} {m} seed={seed}"
                     if specs[0]["ceiling"] and m != "supervised":
                         print(f"== {tag}: skipped (no unlabeled patient left)")

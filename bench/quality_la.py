@@ -34,8 +34,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
-from run_records import (StaleRecord, code_version, finetune_key, load_cached, load_records, teacher_key,
-                         train_key, write_record)
+from run_records import (EVAL_ONLY, StaleRecord, code_tag, code_version, finetune_key, load_cached, load_records,
+                         teacher_key, train_key, write_record)
 
 DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "quality_la"
 TIMING = "bench_timing.json"
@@ -190,7 +190,7 @@ def run_one(job_file: str, evaluate=None) -> None:
 
     job = json.loads(Path(job_file).read_text())
     specs = job["specs"]
-    if code_version() != specs[0]["code"]:
+    if code_version() != specs[0].get("evaluated_with", specs[0]["code"]):
         raise SystemExit("the code changed since the run was planned; plan it again")
     torch.set_num_threads(specs[0]["threads"] or torch.get_num_threads())
     store_dir = Path(job["work"]) / store_name(specs[0])
@@ -202,6 +202,8 @@ def run_one(job_file: str, evaluate=None) -> None:
     tfile = store_dir / TIMING
     for spec in specs:
         assert train_key(spec) == train_key(specs[0])
+        if "evaluated_with" in spec and not trained(spec, store):
+            raise SystemExit(f"{store_dir}: not a finished run; an adopted run is only evaluated, never trained")
         fresh = not tfile.is_file()
         w0, c0 = time.perf_counter(), _cpu_s()
         models, extra = (evaluate or _evaluate)(spec, job["data"], store)
@@ -210,15 +212,15 @@ def run_one(job_file: str, evaluate=None) -> None:
                 "load_avg_1m": os.getloadavg()[0], "split": spec["split"]}
         if fresh:
             tfile.write_text(json.dumps(this))
-        trained = json.loads(tfile.read_text())
-        timing = {"pipeline_wall_s": trained["wall_s"], "pipeline_cpu_s": trained["cpu_s"],
-                  "peak_rss_mb": trained["peak_rss_mb"], "threads": trained["threads"],
-                  "trained_with_split": trained["split"], "load_avg_1m": trained.get("load_avg_1m"),
+        tr = json.loads(tfile.read_text())       # the training process's figures
+        timing = {"pipeline_wall_s": tr["wall_s"], "pipeline_cpu_s": tr["cpu_s"],
+                  "peak_rss_mb": tr["peak_rss_mb"], "threads": tr["threads"],
+                  "trained_with_split": tr["split"], "load_avg_1m": tr.get("load_avg_1m"),
                   "this_process": this}
         if teacher:   # the whole pipeline's cost: the teacher's stages (measured in its run) plus this run
-            timing.update(teacher=teacher, own_wall_s=trained["wall_s"],
-                          pipeline_wall_s=round(trained["wall_s"] + teacher["stage_s"], 1),
-                          peak_rss_mb=max(trained["peak_rss_mb"], teacher["peak_rss_mb"]))
+            timing.update(teacher=teacher, own_wall_s=tr["wall_s"],
+                          pipeline_wall_s=round(tr["wall_s"] + teacher["stage_s"], 1),
+                          peak_rss_mb=max(tr["peak_rss_mb"], teacher["peak_rss_mb"]))
         p = write_record(Path(job["results"]), spec, models, timing, extra)
         print(f"wrote {p}", flush=True)
 
@@ -267,6 +269,32 @@ def find_teacher(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def adopt_trained(results: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """``spec``, or, when ``results`` holds no training of it but a finished one that differs only in the bench's
+    commit (same core: :func:`run_records.code_tag`, both clean commits) and in the evaluated split, the spec of
+    scoring that run: its training ``code``, plus ``evaluated_with`` = this code. So a run trained before the
+    benchmark's own code changed (for example to add a split) is scored on another split without training it
+    again; the record says which code scored it (``--score-trained``)."""
+    if _finished(results, spec) or not code_tag(spec["code"]).startswith("core "):
+        return spec
+    skip = (*EVAL_ONLY, "code")
+    want = {k: v for k, v in spec.items() if k not in skip}
+    found = [r["spec"] for r in (load_records(results / "records") if (results / "records").is_dir() else [])
+             if {k: v for k, v in r["spec"].items() if k not in skip} == want
+             and code_tag(r["spec"]["code"]) == code_tag(spec["code"]) and _finished(results, r["spec"])]
+    for s in found:          # the split was already scored (by the training run, or adopted before): that record
+        if all(s.get(k) == spec.get(k) for k in ("split", "split_ids", "threads")):
+            return s
+    return dict(spec, code=found[0]["code"], evaluated_with=spec["code"]) if found else spec
+
+
+def _finished(results: Path, spec: dict[str, Any]) -> bool:
+    """:func:`trained` for the run folder of ``spec`` under ``results``, without creating it."""
+    run = results / "runs" / store_name(spec)
+    done = (run / "retrain" / "model.pt").is_file()
+    return done and (run / "report.json").is_file() if spec["method"].startswith("cfr_") else done
+
+
 def _stage_code(stage_dir: Path) -> dict[str, Any] | None:
     """The cfrseg code version a stage's results were made with (None when it has no provenance record)."""
     p = stage_dir / "provenance.json"
@@ -304,6 +332,10 @@ def add_run_arguments(ap: argparse.ArgumentParser, default_results: Path) -> Non
                     "only in the re-train settings (failing that, the fine-tune stage of one that differs only in "
                     "the pseudo-label and re-train settings; the core's provenance check confirms them) and run "
                     "only the remaining stages; the record's wall time adds the copied stages' measured seconds")
+    ap.add_argument("--score-trained", action="store_true",
+                    help="a run trained by an earlier commit of the benchmarks (same cfrseg core, same settings) "
+                    "is scored on the asked split instead of trained again; the record keeps the training "
+                    "code and adds evaluated_with")
     ap.add_argument("--one", help=argparse.SUPPRESS)
 
 
@@ -334,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 for seed in args.seeds:
                     specs = [make_spec(args, L, m, seed, s, code, ids, sha) for s in args.split]
+                    if args.score_trained:
+                        specs = [adopt_trained(results, s) for s in specs]
                     try:
                         todo = [s for s in specs if load_cached(records_dir, s) is None]
                     except StaleRecord as e:

@@ -22,8 +22,9 @@ from typing import Any
 from _common import _clean  # bench/ is on sys.path for every caller (benchmarks and tests)
 
 REPO = Path(__file__).resolve().parents[1]
-#: spec fields that do not change what is trained (the trained model can be shared across them)
-EVAL_ONLY = ("split", "split_ids", "threads")
+#: spec fields that do not change what is trained (the trained model can be shared across them);
+#: ``evaluated_with``: the code that scored a run trained by another bench commit (quality_la.adopt_trained)
+EVAL_ONLY = ("split", "split_ids", "threads", "evaluated_with")
 
 
 class StaleRecord(RuntimeError):

@@ -411,3 +411,50 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
     t5 = qla.find_teacher(tmp_path, dict(tta, overrides=["retrain.pl_weight=0.5"]))
     assert t5["stages"] == ["finetune"] and t5["stage_s"] == 100.0
     assert qla.find_teacher(tmp_path, dict(tta, resolved=dict(tta["resolved"], finetune={"seed": 1}))) is None
+
+
+def test_a_run_trained_by_an_earlier_bench_commit_is_scored_not_trained_again(tmp_path, monkeypatch):
+    """--score-trained: a spec whose only difference from a finished run is the bench's commit (same core) is
+    scored on that run's model; the record keeps the training code and names the scoring code."""
+    import argparse
+
+    import quality_la as qla
+
+    ids = _synthetic_la(tmp_path / "la")
+    args = argparse.Namespace(profile="tiny", set=[], threads=1)
+    old, new = ({"commit": c * 40, "dirty": False, "diff_sha256": None} for c in "ab")
+    monkeypatch.setattr(qla, "code_tag", lambda c: "core 0123" if not c.get("dirty") else "dirty")
+    res = tmp_path / "res"
+
+    def run(spec, code):
+        monkeypatch.setattr(qla, "code_version", lambda: code)
+        job = tmp_path / "job.json"
+        job.write_text(json.dumps({"specs": [spec], "data": str(tmp_path / "la"), "work": str(res / "runs"),
+                                   "results": str(res / "records"), "teacher": None}))
+        qla.run_one(str(job))
+
+    def spec(split, code, **kw):
+        return qla.make_spec(argparse.Namespace(**dict(vars(args), **kw)), "4", "supervised", 0, split, code, ids,
+                             "0" * 64)
+
+    trained_val = spec("val", old)
+    assert qla.adopt_trained(res, trained_val) == trained_val                  # nothing trained yet
+    run(trained_val, old)
+    model = res / "runs" / qla.store_name(trained_val) / "retrain" / "model.pt"
+    stamp = model.stat().st_mtime_ns
+    test = qla.adopt_trained(res, spec("test", new))
+    assert test["code"] == old and test["evaluated_with"] == new and rr.train_key(test) == rr.train_key(trained_val)
+    assert rr.load_cached(res / "records", qla.adopt_trained(res, spec("val", new))) is not None   # val: cached
+    run(test, new)
+    rec = rr.load_cached(res / "records", test)
+    assert rec["extra"] == {"evaluated_only": True} and set(rec["models"]["supervised"]) == set(ids[48:64])
+    assert model.stat().st_mtime_ns == stamp                                   # not trained again
+    # other settings, a dirty tree, or an unfinished run: nothing is adopted
+    other = spec("test", new, set=["retrain.iterations=3"])
+    assert qla.adopt_trained(res, other) == other
+    dirty = spec("test", dict(new, dirty=True, diff_sha256="x"))
+    assert qla.adopt_trained(res, dirty) == dirty
+    model.unlink()
+    assert qla.adopt_trained(res, spec("test", new))["code"] == new
+    with pytest.raises(SystemExit, match="never trained"):
+        run(test, new)
