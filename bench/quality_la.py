@@ -123,9 +123,13 @@ def _evaluate(spec: dict[str, Any], data: str, store) -> tuple[dict[str, Any], d
 def trained(spec: dict[str, Any], store) -> bool:
     """Whether ``store`` holds the finished training of ``spec`` (the CFR pipeline's report, or the re-train
     stage's model)."""
-    if spec["method"].startswith("cfr_"):
-        return store.exists("report.json") and store.sub("retrain").exists("model.pt")
-    return store.sub("retrain").exists("model.pt")
+    return _finished_at(store.root, spec)
+
+
+def _finished_at(run: Path, spec: dict[str, Any]) -> bool:
+    """:func:`trained` for a run folder given by its path (nothing is created)."""
+    done = (run / "retrain" / "model.pt").is_file()
+    return done and (run / "report.json").is_file() if spec["method"].startswith("cfr_") else done
 
 
 def evaluate_manifest(spec: dict[str, Any], man, store) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -289,10 +293,8 @@ def adopt_trained(results: Path, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _finished(results: Path, spec: dict[str, Any]) -> bool:
-    """:func:`trained` for the run folder of ``spec`` under ``results``, without creating it."""
-    run = results / "runs" / store_name(spec)
-    done = (run / "retrain" / "model.pt").is_file()
-    return done and (run / "report.json").is_file() if spec["method"].startswith("cfr_") else done
+    """:func:`trained` for the run folder of ``spec`` under ``results``."""
+    return _finished_at(results / "runs" / store_name(spec), spec)
 
 
 def _stage_code(stage_dir: Path) -> dict[str, Any] | None:

@@ -46,22 +46,25 @@ def train_key(spec: Mapping[str, Any]) -> str:
     return key_of(spec, EVAL_ONLY)
 
 
+def _key_without(spec: Mapping[str, Any], sections: tuple[str, ...]) -> str:
+    """sha256 of the spec without method, overrides, the bench's code version and the resolved ``sections``."""
+    s = {k: v for k, v in spec.items() if k not in ("method", "overrides", "code")}
+    s["resolved"] = {k: v for k, v in spec["resolved"].items() if k not in sections}
+    return hashlib.sha256(canonical(s).encode()).hexdigest()
+
+
 def teacher_key(spec: Mapping[str, Any]) -> str:
     """The key of what a CFR run's teacher (fine-tuned SAM and its pseudo-labels) depends on: the spec without
     the re-train side (method, overrides, the resolved ``retrain`` section) and without the bench's code version
     (the core's own provenance check compares the code when the stages are reused). Runs sharing it can share
     the teacher; only the re-train stage differs."""
-    s = {k: v for k, v in spec.items() if k not in ("method", "overrides", "code")}
-    s["resolved"] = {k: v for k, v in spec["resolved"].items() if k != "retrain"}
-    return hashlib.sha256(canonical(s).encode()).hexdigest()
+    return _key_without(spec, ("retrain",))
 
 
 def finetune_key(spec: Mapping[str, Any]) -> str:
     """As :func:`teacher_key` without the ``pseudolabel`` section too: runs sharing it can share the fine-tuned
     SAM and differ in how it pseudo-labels (TTA, calibration...) and in the re-train side."""
-    s = {k: v for k, v in spec.items() if k not in ("method", "overrides", "code")}
-    s["resolved"] = {k: v for k, v in spec["resolved"].items() if k not in ("retrain", "pseudolabel")}
-    return hashlib.sha256(canonical(s).encode()).hexdigest()
+    return _key_without(spec, ("retrain", "pseudolabel"))
 
 
 def code_version(repo: Path = REPO) -> dict[str, Any]:
