@@ -15,6 +15,12 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"  # git-ignored
 
 
+def default_data(env_var: str, name: str) -> str:
+    """A dataset's folder: ``$env_var`` if set, else ``../shared/data/<name>`` beside the checkout (the layout the
+    tests use, docs/data.md), resolved from this file so the working directory does not matter."""
+    return os.environ.get(env_var) or str(Path(__file__).resolve().parents[2] / "shared" / "data" / name)
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: NaN/inf -> None, tuples -> lists, numpy scalars -> Python numbers."""
     if isinstance(obj, dict):

@@ -14,7 +14,6 @@ Prints a table and writes bench/results/bf16_agreement.json (``--name``).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
-from _common import format_rows, write_json
+from _common import default_data, format_rows, write_json
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,7 +33,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="folder holding model.pt (a run's retrain store) or the file")
-    ap.add_argument("--data", default=os.environ.get("CFRSEG_LA_DIR", "../shared/data/la2018"))
+    ap.add_argument("--data", default=default_data("CFRSEG_LA_DIR", "la2018"))
     ap.add_argument("--split", default="val", choices=list(protocol.EVAL_SPLITS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--name", default="bf16_agreement")

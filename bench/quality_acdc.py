@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import acdc_protocol as ap_
+from _common import default_data
 import quality_la as qla
 import quality_summary as qs
 from run_records import StaleRecord, canonical, code_tag, code_version, commits_of, load_cached, load_records
@@ -245,7 +245,7 @@ def class_names(data: str, records: list[dict[str, Any]]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--data", default=os.environ.get("CFRSEG_ACDC_DIR", "../shared/data/acdc"))
+    ap.add_argument("--data", default=default_data("CFRSEG_ACDC_DIR", "acdc"))
     ap.add_argument("--labeled", nargs="+", type=int, default=[3, 14], help="L: labeled patients")
     ap.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     ap.add_argument("--max-pool", type=int, help="smoke runs: only the first N pool patients")

@@ -34,6 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import protocol
+from _common import default_data
 from run_records import (EVAL_ONLY, StaleRecord, code_tag, code_version, finetune_key, load_cached, load_records,
                          teacher_key, train_key, write_record)
 
@@ -344,7 +345,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, default_results: Path) -> Non
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--data", default=os.environ.get("CFRSEG_LA_DIR", "../shared/data/la2018"))
+    ap.add_argument("--data", default=default_data("CFRSEG_LA_DIR", "la2018"))
     ap.add_argument("--split", nargs="+", default=["val"], choices=list(protocol.EVAL_SPLITS))
     ap.add_argument("--labeled", nargs="+", default=["4"], help="L values, or 'all' (the ceiling)")
     ap.add_argument("--methods", nargs="+", default=["supervised", "mt", "cfr_mt"])

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -25,15 +24,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import format_rows, peak_rss_mb, write_json
+from _common import default_data, format_rows, peak_rss_mb, write_json
 
 DEFAULT_ITERATIONS = 1200
 
 
 def _args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default=os.environ.get("CFRSEG_LA_DIR", str(Path(__file__).resolve().parents[2]
-                                                                           / "shared/data/la2018")))
+    ap.add_argument("--data", default=default_data("CFRSEG_LA_DIR", "la2018"))
     ap.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     ap.add_argument("--methods", default="none,mt,acmt")
     ap.add_argument("--labeled", type=int, default=4)

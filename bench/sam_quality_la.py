@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, _clean, host_info, peak_rss_mb  # noqa: E402
+from _common import RESULTS_DIR, _clean, default_data, host_info, peak_rss_mb  # noqa: E402
 
 
 def _apply_sets(prof: dict, sets: list[str]) -> None:
@@ -37,7 +37,7 @@ def _apply_sets(prof: dict, sets: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="/work/shared/data/la2018")
+    ap.add_argument("--data", default=default_data("CFRSEG_LA_DIR", "la2018"))
     ap.add_argument("--profile", default="lite")
     ap.add_argument("--labeled", type=int, default=4, help="first L cases of train.list are fine-tuned on")
     ap.add_argument("--eval", type=int, default=6, help="number of evaluated cases")
