@@ -7,8 +7,10 @@ the fused output layout, so outputs are unchanged). peft then puts LoRA on ``q``
 alpha = r (scale 1, as the reference code, which has no scaling).
 
 Trainable set (:func:`trainable_parameters`): LoRA A/B, the whole mask decoder except its IoU head, and the
-prompt encoder's ``no_mask_embed``. :func:`lora_state_dict` holds exactly those tensors (keys as in
-``model.state_dict()``); the frozen base comes from the base checkpoint (recorded by hash in ``model.info``).
+prompt encoder's ``no_mask_embed``; plus, where :func:`cfrseg.sam.tail.mark_tail_trainable` set them, the
+encoder parts named by ``model.cfr_trainable_prefixes`` (``finetune.encoder_tail``). :func:`lora_state_dict`
+holds exactly those tensors (keys as in ``model.state_dict()``); the frozen base comes from the base checkpoint
+(recorded by hash in ``model.info``).
 """
 
 from __future__ import annotations
@@ -92,20 +94,25 @@ def split_qkv(encoder: nn.Module) -> int:
     return n
 
 
-def _is_trainable(name: str) -> bool:
-    if "lora_" in name:
+def _is_trainable(name: str, extra: tuple[str, ...] = ()) -> bool:
+    if "lora_" in name or (extra and name.startswith(extra)):
         return True
     if name.startswith("mask_decoder."):
         return not name.startswith("mask_decoder.iou_prediction_head.")
     return name == "prompt_encoder.no_mask_embed.weight"
 
 
+def _extra(model: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(model, "cfr_trainable_prefixes", ()) or ())
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Set ``requires_grad`` so that only LoRA, the mask decoder (minus the IoU head) and ``no_mask_embed``
     train; return those parameters (for the optimizer)."""
     out = []
+    extra = _extra(model)
     for name, p in model.named_parameters():
-        p.requires_grad_(_is_trainable(name))
+        p.requires_grad_(_is_trainable(name, extra))
         if p.requires_grad:
             out.append(p)
     return out
@@ -135,20 +142,23 @@ def lora_parameter_count(model: nn.Module) -> int:
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The fine-tuned tensors: LoRA A/B, mask decoder (minus IoU head) and ``no_mask_embed`` (detached)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if _is_trainable(k)}
+    extra = _extra(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if _is_trainable(k, extra)}
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, Any]) -> None:
     """Load what :func:`lora_state_dict` saved into a model with LoRA injected the same way (same base, rank and
     num_classes). Raises InputError naming missing/unexpected keys or shape mismatches."""
     own = model.state_dict()
-    want = {k for k in own if _is_trainable(k)}
+    extra = _extra(model)
+    want = {k for k in own if _is_trainable(k, extra)}
     unexpected = sorted(set(sd) - want)
     missing = sorted(want - set(sd))
     bad = sorted(k for k in set(sd) & want if tuple(sd[k].shape) != tuple(own[k].shape))
     if unexpected or missing or bad:
         raise InputError(
-            f"fine-tune weights do not fit this model (LoRA rank / num_classes / base model differ?): "
+            f"fine-tune weights do not fit this model (LoRA rank / encoder tail / num_classes / base model "
+            f"differ?): "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatch {bad[:5]}"
         )
     model.load_state_dict(sd, strict=False)

@@ -79,6 +79,9 @@ class FinetuneConfig(ConfigBase):
     # --- decoder-only fast mode: > 0 = encode this many augmented mosaics per labeled volume ONCE (frozen
     # encoder, needs lora_rank 0), then train the mask decoder + no-mask embedding on the cached embeddings
     embedding_cache: int = 0
+    # --- the end of the encoder that trains too (cfrseg.sam.tail): "none" | "neck" | "last_stage" (+ neck).
+    # With embedding_cache the cache holds the activations before the tail, so the tail trains on the cache
+    encoder_tail: str = "none"
     # --- augmentation (the orientation family is also the pseudo-label TTA family)
     augment_rot90: bool = True
     augment_flip: bool = True
@@ -108,6 +111,10 @@ class FinetuneConfig(ConfigBase):
         require(self.embedding_cache >= 0, f"finetune.embedding_cache must be >= 0, got {self.embedding_cache}")
         require(self.embedding_cache == 0 or self.lora_rank == 0,
                 "finetune.embedding_cache > 0 trains the decoder on frozen-encoder embeddings: set lora_rank 0")
+        from cfrseg.sam.tail import TAILS
+
+        require(self.encoder_tail in TAILS, f"finetune.encoder_tail must be one of {list(TAILS)}, "
+                f"got {self.encoder_tail!r}")
         from cfrseg.sam.model import HEAD_INITS
 
         require(self.head_init in HEAD_INITS, f"finetune.head_init must be one of {HEAD_INITS}")
@@ -243,12 +250,14 @@ def resolve_base_checkpoint(model: str, checkpoint: str | None, expected_sha256:
 
 def build_model(model: str, num_classes: int, checkpoint: Path | None, image_size: int, *,
                 lora_rank: int, lora_alpha: float, lora_dropout: float, base_seed: int = 0,
-                head_init: str = "pretrained") -> torch.nn.Module:
-    """Base SAM (+ LoRA on q, v unless ``lora_rank`` is 0); everything frozen except LoRA, the mask decoder and
-    the no-mask embedding. The base is built under ``base_seed`` so a model without a checkpoint (``tiny``) is
-    reproducible. ``head_init`` only matters for training (a loaded delta overwrites the whole head)."""
+                head_init: str = "pretrained", encoder_tail: str = "none") -> torch.nn.Module:
+    """Base SAM (+ LoRA on q, v unless ``lora_rank`` is 0); everything frozen except LoRA, the mask decoder, the
+    no-mask embedding and the ``encoder_tail`` (cfrseg.sam.tail). The base is built under ``base_seed`` so a
+    model without a checkpoint (``tiny``) is reproducible. ``head_init`` only matters for training (a loaded
+    delta overwrites the whole head)."""
     from cfrseg.sam.lora import inject_lora, trainable_parameters
     from cfrseg.sam.model import build_sam
+    from cfrseg.sam.tail import mark_tail_trainable
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(base_seed)
@@ -258,11 +267,13 @@ def build_model(model: str, num_classes: int, checkpoint: Path | None, image_siz
             inject_lora(sam, rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout)
         else:
             trainable_parameters(sam)
+        mark_tail_trainable(sam, encoder_tail)
     return sam
 
 
 def trainable_state(sam: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The fine-tuned delta (LoRA A/B, mask decoder minus IoU head, no-mask embedding), cloned to the CPU."""
+    """The fine-tuned delta (LoRA A/B, mask decoder minus IoU head, no-mask embedding, the encoder tail if one
+    trains), cloned to the CPU."""
     from cfrseg.sam.lora import lora_state_dict
 
     return {k: v.to("cpu", copy=True) for k, v in lora_state_dict(sam).items()}
@@ -364,11 +375,14 @@ class EmbeddingCache:
 @torch.inference_mode()
 def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec, per_volume: int, *, seed: int,
                           bezier_p: float, foreground_prob: float, chunk: int = 4,
-                          on_chunk=None, precision: str = "fp32") -> EmbeddingCache:
+                          on_chunk=None, precision: str = "fp32", encoder_tail: str = "none") -> EmbeddingCache:
     """Encode ``per_volume`` random mosaics of every volume (random window, orientation, Bezier curve, drawn
     by :func:`cfrseg.sam.mosaic.make_batch` from a generator seeded with ``seed``: the same pool every time).
     ``on_chunk(done, total)`` is called after each encoder batch (progress / cancel). ``precision="bf16"``
-    runs the encoder under bfloat16 autocast (the cached embeddings are stored as float32)."""
+    runs the encoder under bfloat16 autocast (the cached embeddings are stored as float32). With an
+    ``encoder_tail`` other than "none" the cache holds the activations that enter the tail
+    (:func:`cfrseg.sam.tail.encode_head`) instead of the embeddings."""
+    from cfrseg.sam.tail import encode_head
     from cfrseg.stages.precision import autocast
 
     g = torch.Generator().manual_seed(seed)
@@ -382,7 +396,7 @@ def build_embedding_cache(sam: torch.nn.Module, volumes: list, spec: MosaicSpec,
             images, target, valid = make_batch([pv], spec, n, g, bezier_p=bezier_p,
                                                foreground_prob=foreground_prob)
             with autocast(images.device, precision):
-                emb = sam.embed(images)
+                emb = encode_head(sam, images, encoder_tail)
             if cache is None:   # filled in place: the cache is held once (4 MB a mosaic for LiteMedSAM)
                 cache = EmbeddingCache(torch.empty((total, *emb.shape[1:]), dtype=torch.float32, device=emb.device),
                                        torch.empty((total, *target.shape[1:]), dtype=torch.uint8,
@@ -457,7 +471,7 @@ def run_finetune(
     log.info("fine-tune window: %s (crop %s, grid %s)", window.reason, spec.crop, spec.grid)
     sam = build_model(config.model, data.num_classes, base_path, config.image_size, lora_rank=config.lora_rank,
                       lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      head_init=config.head_init).to(device)
+                      head_init=config.head_init, encoder_tail=config.encoder_tail).to(device)
     params = [p for p in sam.parameters() if p.requires_grad]
     if not params:
         raise ConfigError(f"model {config.model!r}: nothing to train (no LoRA / decoder parameters)")
@@ -522,9 +536,11 @@ def run_finetune(
 
         cache = build_embedding_cache(sam, volumes, spec, config.embedding_cache, seed=config.seed + 7919,
                                       bezier_p=config.bezier_p, foreground_prob=config.foreground_prob,
-                                      on_chunk=on_chunk, precision=config.precision)
+                                      on_chunk=on_chunk, precision=config.precision,
+                                      encoder_tail=config.encoder_tail)
         del volumes
     size = (config.image_size, config.image_size)
+    from cfrseg.sam.tail import apply_tail
     from cfrseg.stages.precision import autocast
 
     train_mode(sam)
@@ -543,7 +559,7 @@ def run_finetune(
                 idx = torch.randint(len(cache.embeddings), (config.batch_size,), generator=g)
                 target, valid = cache.target[idx].long(), cache.valid[idx]
                 with autocast(device, config.precision):
-                    logits = sam.decode(cache.embeddings[idx]).float()
+                    logits = sam.decode(apply_tail(sam, cache.embeddings[idx], config.encoder_tail)).float()
                 if tuple(logits.shape[-2:]) != size:
                     logits = torch.nn.functional.interpolate(logits, size=size, mode="bilinear", align_corners=False)
             loss, parts = masked_ce_dice(logits, target, valid, include_background=config.dice_background)
@@ -569,7 +585,8 @@ def run_finetune(
         "format": FORMAT, "model": config.model, "num_classes": data.num_classes,
         "image_size": config.image_size,
         "lora": {"rank": config.lora_rank, "alpha": config.lora_alpha, "dropout": config.lora_dropout},
-        "head_init": config.head_init, "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
+        "head_init": config.head_init, "encoder_tail": config.encoder_tail,
+        "base_checkpoint": str(base_path) if base_path else None, "base_sha256": base_sha, "base_seed": 0,
         "spec": spec.to_dict(), "window": window.to_dict(), "iterations": config.iterations,
         "config": config.to_dict(),
         "plan": plan.to_dict(), "class_names": list(data.names), "provenance": prov,
@@ -635,7 +652,8 @@ def load_finetuned(
                              f"trained on {want}: use the same base checkpoint")
     lo = art["lora"]
     sam = build_model(model, art["num_classes"], path, art["image_size"], lora_rank=lo["rank"],
-                      lora_alpha=lo["alpha"], lora_dropout=lo["dropout"], base_seed=art.get("base_seed", 0))
+                      lora_alpha=lo["alpha"], lora_dropout=lo["dropout"], base_seed=art.get("base_seed", 0),
+                      encoder_tail=art.get("encoder_tail", "none"))
     load_trainable_state(sam, art["delta"])
     sam.eval()
     sam.cfr_spec = MosaicSpec.from_dict(art["spec"])  # type: ignore[assignment]
