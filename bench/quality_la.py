@@ -215,9 +215,10 @@ def run_one(job_file: str, evaluate=None) -> None:
         this = {"wall_s": round(time.perf_counter() - w0, 1), "cpu_s": round(_cpu_s() - c0, 1),
                 "peak_rss_mb": round(_peak_rss_mb(), 1), "threads": torch.get_num_threads(),
                 "load_avg_1m": os.getloadavg()[0], "split": spec["split"]}
-        if fresh:
-            tfile.write_text(json.dumps(this))
-        tr = json.loads(tfile.read_text())       # the training process's figures
+        if fresh:     # the training process's figures, and the teacher it copied (later splits need its cost)
+            tfile.write_text(json.dumps({**this, **({"teacher": teacher} if teacher else {})}))
+        tr = json.loads(tfile.read_text())
+        teacher = teacher or tr.get("teacher") or _teacher_of(Path(job["results"]), spec)
         timing = {"pipeline_wall_s": tr["wall_s"], "pipeline_cpu_s": tr["cpu_s"],
                   "peak_rss_mb": tr["peak_rss_mb"], "threads": tr["threads"],
                   "trained_with_split": tr["split"], "load_avg_1m": tr.get("load_avg_1m"),
@@ -228,6 +229,16 @@ def run_one(job_file: str, evaluate=None) -> None:
                           peak_rss_mb=max(tr["peak_rss_mb"], teacher["peak_rss_mb"]))
         p = write_record(Path(job["results"]), spec, models, timing, extra)
         print(f"wrote {p}", flush=True)
+
+
+def _teacher_of(results: Path, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """The copied teacher of the training behind ``spec``, from a record of another split of that training
+    (runs trained before ``bench_timing.json`` kept it); None when it copied none."""
+    key = train_key(spec)
+    for rec in load_records(results):
+        if train_key(rec["spec"]) == key and rec.get("timing", {}).get("teacher"):
+            return rec["timing"]["teacher"]
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- driver

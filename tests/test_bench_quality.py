@@ -375,7 +375,8 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
     def evaluate(spec, data, store):     # the child's training, faked: sees the copied teacher stages
         seen["dir"] = sorted(p.name for p in (tmp_path / "runs" / qla.store_name(spec)).iterdir())
         (tmp_path / "runs" / qla.store_name(spec) / "finetune" / "out.bin").write_bytes(b"changed")
-        return _models(("CFR_FT", "CFR_MAGICNET")), {}
+        one = {"dice": [0.8], "jaccard": [0.4], "asd": [1.0], "hd95": [5.0]}
+        return {n: {c: one for c in spec["split_ids"]} for n in ("CFR_FT", "CFR_MAGICNET")}, {}
 
     def fake_run(cmd, check=False):
         qla.run_one(cmd[-1], evaluate=evaluate)
@@ -394,6 +395,18 @@ def test_reused_teacher_is_copied_and_its_seconds_are_counted(tmp_path, monkeypa
     assert t["teacher"]["from"] == run.name and t["teacher"]["stage_s"] == 150.0
     assert t["pipeline_wall_s"] == pytest.approx(t["own_wall_s"] + 150.0, abs=0.11)
     assert t["peak_rss_mb"] >= 3000.0
+    # the same training scored later on another split (no --reuse-teacher then) still counts the teacher
+    later = dict(new, split="test", split_ids=IDS[48:64])
+    assert qla.run_job(qla.__file__, tmp_path, [later], "data", "cfr_magicnet_L4_seed0") == 0
+    tl = rr.load_cached(tmp_path / "records", later)["timing"]
+    assert tl["teacher"]["stage_s"] == 150.0 and tl["pipeline_wall_s"] == t["pipeline_wall_s"]
+    assert tl["peak_rss_mb"] == t["peak_rss_mb"]
+    # runs trained before bench_timing.json kept the teacher: it is found in the other split's record
+    tfile = tmp_path / "runs" / qla.store_name(new) / qla.TIMING
+    tfile.write_text(json.dumps({k: v for k, v in json.loads(tfile.read_text()).items() if k != "teacher"}))
+    rr.record_path(tmp_path / "records", later).unlink()
+    assert qla.run_job(qla.__file__, tmp_path, [later], "data", "cfr_magicnet_L4_seed0") == 0
+    assert rr.load_cached(tmp_path / "records", later)["timing"]["pipeline_wall_s"] == t["pipeline_wall_s"]
     # a run that reused a teacher passes the origin's figures on, and copies from itself
     third = dict(new, overrides=["retrain.pl_weight=0.5"], resolved={"retrain": {"seed": 0, "pl_weight": 0.5},
                                                                         "finetune": {"seed": 0}})
