@@ -32,6 +32,17 @@ OUT_CACHED = Path(__file__).resolve().parent / "results" / "sam_cached_steps.jso
 CACHED_PARTS = ("decoder", "neck+decoder", "last_stage+neck+decoder")
 
 
+def _timed(step, repeats: int) -> list[float]:
+    """Seconds of ``repeats`` calls of ``step`` after one untimed warm-up call."""
+    step()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def one(batch: int, mode: str, threads: int, repeats: int, device: str) -> dict:
     import torch
     import torch.nn.functional as F
@@ -60,12 +71,7 @@ def one(batch: int, mode: str, threads: int, repeats: int, device: str) -> dict:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = _timed(step, repeats)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"batch": batch, "mode": mode, "median_s": round(statistics.median(times), 3),
             "min_s": round(min(times), 3), "times_s": [round(t, 3) for t in times],
@@ -117,12 +123,7 @@ def cached_step(part: str, batch: int, threads: int, repeats: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
+    times = _timed(step, repeats)
     return {"part": part, "batch": batch, "cached_shape": list(cached.shape[1:]),
             "trainable_params": sum(p.numel() for p in m.parameters() if p.requires_grad),
             "median_s": round(statistics.median(times), 3), "min_s": round(min(times), 3),
