@@ -29,7 +29,8 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "results" / "sam_speed.json"
 OUT_CACHED = Path(__file__).resolve().parent / "results" / "sam_cached_steps.json"
-CACHED_PARTS = ("decoder", "neck+decoder", "last_stage+neck+decoder")
+CACHED_TAILS = {"decoder": "none", "neck+decoder": "neck", "last_stage+neck+decoder": "last_stage"}
+CACHED_PARTS = tuple(CACHED_TAILS)
 
 
 def _timed(step, repeats: int) -> list[float]:
@@ -83,42 +84,25 @@ def cached_step(part: str, batch: int, threads: int, repeats: int) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from cfrseg.sam.lora import trainable_parameters
-    from cfrseg.sam.model import build_sam
+    from cfrseg.sam.tail import apply_tail, encode_head
+    from cfrseg.stages.finetune import build_model, resolve_base_checkpoint, train_mode
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    m = build_sam("lite_medsam", 2)
-    trainable_parameters(m)                       # decoder (minus IoU head) + no-mask embedding
-    enc = m.image_encoder
-    last = enc.layers[-1]
-    tail: list[torch.nn.Module] = []
-    if part != "decoder":
-        tail = ([last] if part.startswith("last_stage") else []) + [enc.neck]
-    for mod in tail:
-        mod.requires_grad_(True)
+    tail = CACHED_TAILS[part]
+    path, _ = resolve_base_checkpoint("lite_medsam", None, None)
+    m = build_model("lite_medsam", 2, path, 256, lora_rank=0, lora_alpha=4.0, lora_dropout=0.0, encoder_tail=tail)
     x = torch.rand(batch, 3, 256, 256)
-    with torch.inference_mode():              # the cached input of the trainable part
-        h = enc.patch_embed(m.preprocess(x))
-        for layer in enc.layers[:-1]:
-            h = layer(h)
-        if part != "last_stage+neck+decoder":
-            h = last(h)
-        if part == "decoder":
-            h = enc.neck(h)
-    cached = h.clone()
+    with torch.inference_mode():              # the cached input of the trainable part (as the fine-tune caches it)
+        head = encode_head(m, x, tail)
+    cached = head.clone()                     # a normal tensor: autograd may save it
     y = torch.randint(0, 2, (batch, 256, 256))
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-    m.train()
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.eval()
+    train_mode(m)
 
     def step() -> None:
-        e = cached
-        for mod in tail:
-            e = mod(e)
-        logits = F.interpolate(m.decode(e), size=(256, 256), mode="bilinear", align_corners=False)
+        logits = F.interpolate(m.decode(apply_tail(m, cached, tail)), size=(256, 256), mode="bilinear",
+                               align_corners=False)
         F.cross_entropy(logits, y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
